@@ -1,0 +1,77 @@
+"""Rigid-transform helpers shared by every stage, so one convention holds everywhere.
+
+Convention: `T_a_b` is a 4x4 homogeneous matrix that maps points expressed in frame b into
+frame a (p_a = T_a_b @ p_b). Quaternions are (x, y, z, w), the ROS message order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.spatial.transform import Rotation
+
+
+def make_transform(rotation: np.ndarray, translation: np.ndarray) -> np.ndarray:
+    T = np.eye(4)
+    T[:3, :3] = rotation
+    T[:3, 3] = translation
+    return T
+
+
+def invert(T: np.ndarray) -> np.ndarray:
+    """Closed-form inverse; np.linalg.inv drifts from SE(3) on long chains."""
+    R, t = T[:3, :3], T[:3, 3]
+    return make_transform(R.T, -R.T @ t)
+
+
+def transform_points(T: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Apply T to the first three columns of `points`, keeping any extra columns (intensity...)."""
+    out = np.array(points, dtype=points.dtype, copy=True)
+    out[:, :3] = points[:, :3] @ T[:3, :3].T.astype(points.dtype) + T[:3, 3].astype(points.dtype)
+    return out
+
+
+def xyyaw_to_matrix(x: float, y: float, yaw: float) -> np.ndarray:
+    c, s = np.cos(yaw), np.sin(yaw)
+    return make_transform(np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]), np.array([x, y, 0.0]))
+
+
+def matrix_to_xyyaw(T: np.ndarray) -> tuple[float, float, float]:
+    return float(T[0, 3]), float(T[1, 3]), float(np.arctan2(T[1, 0], T[0, 0]))
+
+
+def quat_xyzw_to_matrix(quat_xyzw: np.ndarray, translation: np.ndarray) -> np.ndarray:
+    return make_transform(Rotation.from_quat(quat_xyzw).as_matrix(), translation)
+
+
+def matrix_to_quat_xyzw(T: np.ndarray) -> np.ndarray:
+    return Rotation.from_matrix(T[:3, :3]).as_quat()
+
+
+def rotation_error_deg(T_est: np.ndarray, T_true: np.ndarray) -> float:
+    """Geodesic angle between the two rotations (the RRE of the registration literature)."""
+    R = T_est[:3, :3].T @ T_true[:3, :3]
+    return float(np.degrees(np.arccos(np.clip((np.trace(R) - 1.0) / 2.0, -1.0, 1.0))))
+
+
+def translation_error(T_est: np.ndarray, T_true: np.ndarray) -> float:
+    """Euclidean distance between the translations (the RTE of the registration literature)."""
+    return float(np.linalg.norm(T_est[:3, 3] - T_true[:3, 3]))
+
+
+def random_rotation(rng: np.random.Generator, max_angle_deg: float = 180.0, axis: np.ndarray | None = None) -> np.ndarray:
+    """A uniformly drawn rotation angle about a random (or the given) axis."""
+    if axis is None:
+        axis = rng.normal(size=3)
+    axis = np.asarray(axis, dtype=float) / np.linalg.norm(axis)
+    angle = np.radians(rng.uniform(-max_angle_deg, max_angle_deg))
+    return Rotation.from_rotvec(axis * angle).as_matrix()
+
+
+def load_kitti_poses(path: str) -> np.ndarray:
+    """KITTI pose.txt (12 numbers per line, row-major 3x4) as an (N, 4, 4) array."""
+    rows = np.loadtxt(path, dtype=float, ndmin=2)
+    if rows.shape[1] != 12:
+        raise ValueError(f"{path}: expected 12 numbers per line (row-major 3x4 pose), got {rows.shape[1]}")
+    poses = np.tile(np.eye(4), (len(rows), 1, 1))
+    poses[:, :3, :4] = rows.reshape(-1, 3, 4)
+    return poses
