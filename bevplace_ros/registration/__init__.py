@@ -1,0 +1,7 @@
+"""RoITr-style rotation-invariant LiDAR registration with GICP refinement, covariance and verification."""
+
+from bevplace_ros.registration.errors import RegistrationCheckpointError, RegistrationInputError
+from bevplace_ros.registration.registrar import Registrar, RegistrationConfig, RegistrationResult
+
+__all__ = ["Registrar", "RegistrationConfig", "RegistrationResult", "RegistrationCheckpointError",
+           "RegistrationInputError"]

@@ -1,0 +1,273 @@
+"""Replay a rosbag2 (sqlite3 or mcap) through the loop-closure nodes over the real middleware.
+
+In-process mode runs the three nodes on one multi-threaded executor and replays in lock-step (each
+scan waits for the pipeline to settle), so a run gives the same result at any machine speed; with
+a rate it replays on the bag's clock instead. External mode only publishes and records, for nodes
+started as separate processes. Every output topic is recorded into a new rosbag2.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+OUTPUT_TOPICS = {
+    "keyframes": "bevplace_ros/msg/Keyframe",
+    "loop_candidates": "bevplace_ros/msg/LoopCandidate",
+    "loop_closures": "bevplace_ros/msg/LoopClosure",
+    "pose_graph_edges": "bevplace_ros/msg/PoseGraphEdge",
+    "optimized_path": "nav_msgs/msg/Path",
+    "map_to_odom": "geometry_msgs/msg/TransformStamped",
+    "loop_markers": "visualization_msgs/msg/MarkerArray",
+}
+
+
+@dataclass(frozen=True)
+class ReplayOptions:
+    bag: Path
+    params_file: Path | None = None
+    record: Path | None = None  # folder of the rosbag2 with every output; None records nothing
+    rate: float = 0.0  # 0: lock-step, as fast as the pipeline allows; else a multiple of real time
+    points_topic: str = "/points"
+    odom_topic: str = "/odom"
+    in_process: bool = True
+    settle_s: float = 15.0  # external mode: quiet time that ends the run
+    max_scans: int = 0  # 0: all
+    overrides: tuple[str, ...] = ()  # extra "name:=value" parameters for every node
+    progress: bool = True
+
+
+@dataclass
+class ReplayRun:
+    """What the nodes said, decoded; keyed by keyframe id."""
+
+    keyframe_stamps: dict[int, int] = field(default_factory=dict)  # ns
+    odometry: dict[int, np.ndarray] = field(default_factory=dict)  # T_odom_sensor
+    closures: list[tuple[int, int, np.ndarray, bool, float]] = field(default_factory=list)  # query, match, T, verified, ms
+    candidates: int = 0
+    optimized: dict[int, np.ndarray] = field(default_factory=dict)  # T_map_sensor from the last path
+    scans_published: int = 0
+    latency_ms: dict[str, list[float]] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+
+def replay(options: ReplayOptions) -> ReplayRun:
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.executors import MultiThreadedExecutor
+
+    from bevplace_ros.nodes.bag_io import BagInput
+
+    bag = BagInput(options.bag, options.points_topic, options.odom_topic)
+    args = ["--ros-args"]
+    if options.params_file:
+        args += ["--params-file", str(options.params_file)]
+    mount = bag.base_to_sensor()
+    for item in (f"base_to_sensor:={list(map(float, mount))}", *options.overrides):
+        args += ["-p", item]
+    context = Context()
+    rclpy.init(args=args, context=context)
+    executor = MultiThreadedExecutor(num_threads=4, context=context)
+    nodes = _start_nodes(context) if options.in_process else []
+    player = rclpy.create_node("bag_replay", context=context)
+    run = ReplayRun()
+    recorder = _Recorder(player, options.record, run, bag)
+    for node in [*nodes, player]:
+        executor.add_node(node)
+    spinner = _Spinner(executor)
+    start = time.perf_counter()
+    try:
+        _play(bag, player, nodes, recorder, options, run, spinner)
+        run.wall_s = time.perf_counter() - start
+        if nodes:
+            run.latency_ms = {"place_recognition": list(nodes[0].latency_ms), "registration": [c[4] for c in run.closures],
+                              "pose_graph": list(nodes[2].latency_ms)}
+    finally:
+        executor.shutdown(timeout_sec=5.0)
+        for node in nodes:
+            node.destroy_node()
+        recorder.close()
+        player.destroy_node()
+        context.try_shutdown()
+    return run
+
+
+def _start_nodes(context) -> list[Any]:
+    from bevplace_ros.nodes.place_recognition_node import PlaceRecognitionNode
+    from bevplace_ros.nodes.pose_graph_node import PoseGraphNode
+    from bevplace_ros.nodes.registration_node import RegistrationNode
+
+    return [PlaceRecognitionNode(context=context), RegistrationNode(context=context), PoseGraphNode(context=context)]
+
+
+class _Spinner:
+    """Spins the executor on a thread and keeps the first callback error, so waits end at once."""
+
+    def __init__(self, executor) -> None:
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._spin, args=(executor,), daemon=True)
+        self._thread.start()
+
+    def _spin(self, executor) -> None:
+        try:
+            executor.spin()
+        except BaseException as err:
+            self.error = err
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"a node callback failed: {type(self.error).__name__}: {self.error}") from self.error
+
+
+def _play(bag, player, nodes, recorder, options: ReplayOptions, run: ReplayRun, spinner: _Spinner) -> None:
+    from nav_msgs.msg import Odometry
+    from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+    from sensor_msgs.msg import PointCloud2
+
+    points = player.create_publisher(PointCloud2, options.points_topic, qos_profile_sensor_data)
+    odom = player.create_publisher(Odometry, options.odom_topic, QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE))
+    subscribers = [points, odom] if not nodes else [points]
+    _wait(lambda: all(p.get_subscription_count() > 0 for p in subscribers), 30.0, "nodes to subscribe to the bag topics", spinner)
+    _wait(recorder.connected, 30.0, "the recorder to match the nodes' publishers", spinner)
+    total = min(bag.scan_count, options.max_scans or bag.scan_count)
+    progress = _progress(total, options.progress)
+    odom_sent = 0
+    wall0, bag0 = time.perf_counter(), None
+    for kind, stamp_ns, raw in bag.messages_lidar_after_odometry():
+        if kind == "points" and run.scans_published >= total:
+            break
+        if options.rate > 0:
+            bag0 = stamp_ns if bag0 is None else bag0
+            delay = (stamp_ns - bag0) * 1e-9 / options.rate - (time.perf_counter() - wall0)
+            time.sleep(max(delay, 0.0))
+        recorder.now_ns = stamp_ns
+        if kind == "odom":
+            odom.publish(raw)
+            odom_sent += 1
+            continue
+        if nodes and options.rate <= 0:
+            _wait(lambda: nodes[0].odometry_received >= odom_sent, 30.0, "odometry to reach place_recognition_node", spinner)
+        points.publish(raw)
+        run.scans_published += 1
+        progress(run)
+        if nodes and options.rate <= 0:
+            _wait(lambda: nodes[0].clouds_handled >= run.scans_published, 120.0, "place_recognition_node to handle the scan", spinner)
+            _wait(lambda: _settled(nodes, recorder), 300.0, "registration and the pose graph to settle", spinner)
+    if nodes:
+        _wait(lambda: nodes[0].idle() and _settled(nodes, recorder), 600.0, "the pipeline to finish", spinner)
+    else:
+        recorder.wait_quiet(options.settle_s)
+    progress(None)
+
+
+def _settled(nodes, recorder) -> bool:
+    place, registration, graph = nodes
+    return (
+        registration.keyframes_handled >= place.keyframes_published
+        and registration.worker.handled + registration.worker.dropped >= place.candidates_published
+        and registration.idle()
+        and graph.keyframes_handled >= place.keyframes_published
+        and graph.loops_handled >= registration.closures_published
+        and recorder.count("keyframes") >= place.keyframes_published
+        and recorder.count("loop_closures") >= registration.closures_published
+    )
+
+
+def _wait(predicate: Callable[[], bool], timeout_s: float, what: str, spinner: _Spinner) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        spinner.check()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"replay: gave up waiting {timeout_s:.0f} s for {what}")
+        time.sleep(0.002)
+
+
+def _progress(total: int, enabled: bool) -> Callable[[ReplayRun | None], None]:
+    if not enabled:
+        return lambda run: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="scan", desc="replay", dynamic_ncols=True)
+
+    def update(run: ReplayRun | None) -> None:
+        if run is None:
+            bar.close()
+            return
+        bar.n = run.scans_published
+        bar.set_postfix(keyframes=len(run.keyframe_stamps), loops=sum(1 for c in run.closures if c[3]), refresh=False)
+        bar.refresh()
+
+    return update
+
+
+class _Recorder:
+    """Records every output topic as raw CDR into a rosbag2 and decodes what the report needs."""
+
+    def __init__(self, node, path: Path | None, run: ReplayRun, bag) -> None:
+        from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+
+        from bevplace_ros.nodes.interfaces import message_class
+
+        self.run = run
+        self.now_ns = 0
+        self._lock = threading.Lock()
+        self._counts = {topic: 0 for topic in OUTPUT_TOPICS}
+        self._last = time.monotonic()
+        self._writer = bag.open_writer(path, OUTPUT_TOPICS) if path else None
+        self._subscriptions = []
+        for topic, msgtype in OUTPUT_TOPICS.items():
+            latched = topic in ("optimized_path", "map_to_odom", "loop_markers")
+            qos = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE,
+                             durability=DurabilityPolicy.TRANSIENT_LOCAL if latched else DurabilityPolicy.VOLATILE)
+            cls = message_class(msgtype)
+            self._subscriptions.append(node.create_subscription(cls, topic, self._callback(topic, cls), qos, raw=True))
+
+    def connected(self) -> bool:
+        return all(s.get_publisher_count() > 0 for s in self._subscriptions if s.topic_name.lstrip("/") in ("keyframes", "loop_closures"))
+
+    def count(self, topic: str) -> int:
+        with self._lock:
+            return self._counts[topic]
+
+    def wait_quiet(self, quiet_s: float) -> None:
+        while time.monotonic() - self._last < quiet_s:
+            time.sleep(0.1)
+
+    def _callback(self, topic: str, cls) -> Callable[[bytes], None]:
+        from rclpy.serialization import deserialize_message
+
+        def record(raw: bytes) -> None:
+            msg = deserialize_message(raw, cls)
+            with self._lock:
+                if self._writer is not None:
+                    self._writer.write(topic, self.now_ns, raw)
+                self._decode(topic, msg)
+                self._counts[topic] += 1
+                self._last = time.monotonic()
+
+        return record
+
+    def _decode(self, topic: str, msg) -> None:
+        from bevplace_ros.nodes.conversions import pose_to_matrix, stamp_to_ns
+
+        run = self.run
+        if topic == "keyframes":
+            run.keyframe_stamps[int(msg.id)] = stamp_to_ns(msg.header.stamp)
+            run.odometry[int(msg.id)] = pose_to_matrix(msg.odom_pose.pose)
+        elif topic == "loop_candidates":
+            run.candidates += 1
+        elif topic == "loop_closures":
+            run.closures.append((int(msg.query_id), int(msg.match_id), pose_to_matrix(msg.relative_pose.pose), bool(msg.verified), float(msg.latency_ms)))
+        elif topic == "optimized_path":
+            # The graph keeps stamps as float seconds (sub-microsecond exact), so match to the millisecond.
+            by_ms = {round(ns * 1e-6): key for key, ns in run.keyframe_stamps.items()}
+            run.optimized = {by_ms[ms]: pose_to_matrix(p.pose) for p in msg.poses if (ms := round(stamp_to_ns(p.header.stamp) * 1e-6)) in by_ms}
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()

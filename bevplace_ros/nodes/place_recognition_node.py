@@ -1,0 +1,232 @@
+"""place_recognition_node: LiDAR scans + odometry in, keyframes and loop candidates out."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+from nav_msgs.msg import Odometry
+from rclpy.node import Node
+from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from scipy.spatial.transform import Rotation
+from sensor_msgs.msg import PointCloud2
+from std_msgs.msg import Header
+
+from bevplace_ros.bev import BEVConfig
+from bevplace_ros.keyframe_selector import KeyframeSelector, KeyframeSelectorConfig
+from bevplace_ros.loop_detector import Candidate, DetectedKeyframe, LoopDetectorConfig
+from bevplace_ros.msg import Keyframe, LoopCandidate
+from bevplace_ros.nodes.conversions import ns_to_stamp, pose_to_matrix, pose_with_covariance, stamp_to_ns, xyzi_cloud
+from bevplace_ros.nodes.parameters import ParamSpec, config_from_params, declare_parameters, specs_from_config, updated_config
+from bevplace_ros.nodes.worker import LatestWorker
+from bevplace_ros.odometry_buffer import OdometryBuffer, OdometryLookupError
+from bevplace_ros.place_map import PlaceMap, PlaceMapConfig, PlaceMapError
+from bevplace_ros.pointcloud2 import PointCloud2Error, xyz_intensity
+from bevplace_ros.registration.preprocess import voxel_representatives
+from bevplace_ros.se3 import make_transform
+from bevplace_ros.srv import LoadMap, SaveMap
+
+PARAMS = [
+    *specs_from_config(BEVConfig, "bev.", {
+        "range_m": ("Half-width of the square BEV crop around the sensor [m]; must match the weights.", 5.0, 200.0),
+        "resolution": ("BEV cell size [m]; must match the weights.", 0.05, 5.0),
+        "z_min": ("Lowest height kept, relative to the sensor [m] (set from the mounting height: drop the ground).", -20.0, 20.0),
+        "z_max": ("Highest height kept, relative to the sensor [m].", -20.0, 50.0),
+        "voxel_xy": ("Horizontal voxel of the downsampling before rasterising [m].", 0.05, 5.0),
+        "voxel_z": ("Vertical voxel: a cell counts occupied voxels in its column [m].", 0.01, 5.0),
+        "max_count": ("A BEV cell saturates at this many voxels.", 1, 1000),
+    }, runtime=False),
+    *specs_from_config(PlaceMapConfig, "place.", {
+        "rotations": ("Rotations of the equivariant network at inference (more: more rotation-invariant, slower).", 1, 64),
+        "max_keyframes": ("Descriptor database bound; beyond it the oldest keyframes are forgotten.", 10, 100_000_000),
+        "bev_in_memory": ("BEV images kept in RAM for the 3-DoF guess; older ones spill or are dropped.", 1, 10_000_000),
+    }, runtime=False),
+    ParamSpec("place.weights", PlaceMapConfig.weights, "BEVPlace weights (.pt); empty = the shipped weights.", runtime=False),
+    ParamSpec("place.device", PlaceMapConfig.device, "Torch device for the network.", choices=("auto", "cpu", "cuda"), runtime=False),
+    ParamSpec("place.spill_dir", PlaceMapConfig.spill_dir, "Folder for spilled BEV images; empty drops the oldest instead.", runtime=False),
+    *specs_from_config(KeyframeSelectorConfig, "keyframe.", {
+        "min_distance": ("New keyframe after this much travel [m]; 0 disables.", 0.0, 1000.0),
+        "min_rotation_deg": ("New keyframe after this much rotation [deg]; 0 disables.", 0.0, 360.0),
+        "max_interval": ("New keyframe after this long [s]; 0 disables.", 0.0, 1e6),
+    }),
+    *specs_from_config(LoopDetectorConfig, "retrieval.", {
+        "top_k": ("Loop candidates published per keyframe.", 1, 100),
+        "exclude_recent": ("The most recent keyframes are never candidates.", 0, 1_000_000),
+        "exclude_seconds": ("Nor keyframes closer in time than this [s].", 0.0, 1e7),
+        "max_descriptor_distance": ("Candidates need a descriptor distance below this (normalised, in [0, 2]).", 0.01, 2.0),
+        "max_odom_distance": ("Skip candidates farther apart in odometry than this [m]; 0 disables (drift can be large).", 0.0, 1e6),
+    }),
+    ParamSpec("keyframe_cloud_voxel", 0.4, "Voxel of the cloud carried by the Keyframe message [m].", 0.05, 5.0, runtime=False),
+    ParamSpec("min_points", 500, "Scans with fewer finite points are skipped with a warning.", 1, 10_000_000),
+    ParamSpec("odom_max_gap", 0.5, "Largest stamp gap to interpolate odometry across [s].", 0.001, 60.0, runtime=False),
+    ParamSpec("base_to_sensor", [0.0] * 6, "LiDAR pose in the odometry child frame: x y z [m] roll pitch yaw [rad].", runtime=False),
+    ParamSpec("sensor_frame", "", "Expected frame of the scans; empty accepts the first one seen and then only that.", runtime=False),
+    ParamSpec("map_file", "bevplace_place_map.npz", "Default file for the save/load services."),
+]
+
+
+class PlaceRecognitionNode(Node):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__("place_recognition_node", **kwargs)
+        self.params = declare_parameters(self, PARAMS, self._on_change)
+        p = self.params
+        if len(p["base_to_sensor"]) != 6:
+            raise ValueError(f"base_to_sensor must have 6 numbers (x y z roll pitch yaw), got {len(p['base_to_sensor'])}")
+        x, y, z, *rpy = p["base_to_sensor"]
+        self.T_base_sensor = make_transform(Rotation.from_euler("xyz", rpy).as_matrix(), np.array([x, y, z]))
+        map_cfg = replace(config_from_params(PlaceMapConfig, p, "place."), weights=p["place.weights"], device=p["place.device"], spill_dir=p["place.spill_dir"])
+        self.map = PlaceMap(map_cfg, config_from_params(BEVConfig, p, "bev."), config_from_params(LoopDetectorConfig, p, "retrieval."))
+        self.selector = KeyframeSelector(config_from_params(KeyframeSelectorConfig, p, "keyframe."))
+        self.odometry = OdometryBuffer(max_gap=p["odom_max_gap"])
+        self._odom_lock = threading.Lock()
+        self._odom_frame = "odom"
+        self._odom_covariance = np.zeros(36)
+        self._sensor_frame = p["sensor_frame"]
+        self._last_stamp_ns = -1
+        self.odometry_received = 0
+        self.clouds_handled = 0
+        self.keyframes_published = 0
+        self.candidates_published = 0
+        self.skipped: dict[str, int] = {}
+        self.latency_ms: deque[float] = deque(maxlen=10000)  # BEV + descriptor + retrieval + BEV pose, per keyframe
+        reliable = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+        self.keyframe_pub = self.create_publisher(Keyframe, "keyframes", reliable)
+        self.candidate_pub = self.create_publisher(LoopCandidate, "loop_candidates", reliable)
+        self.worker = LatestWorker(self._process, self._worker_error, "place_recognition")
+        self.create_subscription(PointCloud2, "points", self._on_cloud, qos_profile_sensor_data)
+        self.create_subscription(Odometry, "odom", self._on_odometry, QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE))
+        self.create_service(SaveMap, "~/save_map", self._save)
+        self.create_service(LoadMap, "~/load_map", self._load)
+
+    def idle(self) -> bool:
+        return self.worker.idle()
+
+    def destroy_node(self) -> None:
+        self.worker.stop()
+        super().destroy_node()
+
+    def _on_change(self, values: dict[str, Any]) -> str | None:
+        try:
+            selector = updated_config(self.selector.cfg, values, "keyframe.")
+            retrieval = updated_config(self.map.detector.cfg, values, "retrieval.")
+        except ValueError as err:
+            return str(err)
+        self.selector.cfg, self.map.detector.cfg = selector, retrieval
+        self.params.update(values)
+        return None
+
+    def _skip(self, reason: str, detail: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        self.get_logger().warn(f"scan skipped ({reason}, {self.skipped[reason]} so far): {detail}", throttle_duration_sec=5.0)
+
+    def _on_odometry(self, msg: Odometry) -> None:
+        try:
+            pose = pose_to_matrix(msg.pose.pose)
+            with self._odom_lock:
+                self.odometry.add(stamp_to_ns(msg.header.stamp) * 1e-9, pose)
+                self._odom_frame = msg.header.frame_id or self._odom_frame
+                self._odom_covariance = np.asarray(msg.pose.covariance, dtype=float)
+        except ValueError as err:
+            self.get_logger().warn(f"odometry message ignored: {err}", throttle_duration_sec=5.0)
+        finally:
+            self.odometry_received += 1
+
+    def _on_cloud(self, msg: PointCloud2) -> None:
+        before = self.worker.dropped
+        self.worker.submit(msg)
+        if self.worker.dropped > before:
+            self.get_logger().warn(f"place recognition is behind: dropped {self.worker.dropped} scans so far (latest wins)", throttle_duration_sec=5.0)
+
+    def _worker_error(self, err: Exception) -> None:
+        self._skip("error", f"{type(err).__name__}: {err}")
+
+    def _process(self, msg: PointCloud2) -> None:
+        try:
+            self._process_cloud(msg)
+        finally:
+            self.clouds_handled += 1
+
+    def _process_cloud(self, msg: PointCloud2) -> None:
+        stamp_ns = stamp_to_ns(msg.header.stamp)
+        if stamp_ns <= self._last_stamp_ns:
+            return self._skip("stamp", f"stamp {stamp_ns * 1e-9:.6f} s is not after the previous scan's {self._last_stamp_ns * 1e-9:.6f} s")
+        if self._sensor_frame and msg.header.frame_id != self._sensor_frame:
+            return self._skip("frame", f"frame_id {msg.header.frame_id!r}, expected {self._sensor_frame!r}")
+        try:
+            points = xyz_intensity(msg)
+        except PointCloud2Error as err:
+            return self._skip("malformed", str(err))
+        if len(points) < self.params["min_points"]:
+            return self._skip("too few points", f"{len(points)} finite points, min_points={self.params['min_points']}")
+        try:
+            with self._odom_lock:
+                T_odom_base = self.odometry.lookup(stamp_ns * 1e-9)
+        except OdometryLookupError as err:
+            return self._skip("no odometry", str(err))
+        self._sensor_frame = self._sensor_frame or msg.header.frame_id
+        self._last_stamp_ns = stamp_ns
+        T_odom_sensor = T_odom_base @ self.T_base_sensor
+        if not self.selector.accept(stamp_ns * 1e-9, T_odom_sensor):
+            return None
+        start = time.perf_counter()
+        detected = self.map.add_keyframe(stamp_ns * 1e-9, points, T_odom_sensor)
+        self.latency_ms.append((time.perf_counter() - start) * 1e3)
+        self._publish(msg.header, stamp_ns, points, T_odom_sensor, detected)
+        return None
+
+    def _publish(self, cloud_header: Header, stamp_ns: int, points: np.ndarray, T_odom_sensor: np.ndarray, detected: DetectedKeyframe) -> None:
+        keep = voxel_representatives(points[:, :3].astype(np.float64), self.params["keyframe_cloud_voxel"])
+        keyframe = Keyframe(
+            header=Header(stamp=cloud_header.stamp, frame_id=self._odom_frame), id=detected.id,
+            sensor_frame=cloud_header.frame_id, odom_pose=pose_with_covariance(T_odom_sensor, self._odom_covariance.reshape(6, 6)),
+            travelled_distance=self.selector.travelled, cloud=xyzi_cloud(cloud_header, points[keep]),
+            descriptor=detected.features.descriptor.astype(np.float32), descriptor_model=self.map.model_id,
+        )
+        self.keyframe_pub.publish(keyframe)
+        self.keyframes_published += 1
+        for candidate in detected.candidates:
+            self.candidate_pub.publish(self._candidate_msg(cloud_header, candidate))
+            self.candidates_published += 1
+
+    def _candidate_msg(self, header: Header, c: Candidate) -> LoopCandidate:
+        msg = LoopCandidate(header=header, query_id=c.query_id, query_stamp=ns_to_stamp(round(c.query_stamp * 1e9)),
+                            match_id=c.match_id, match_stamp=ns_to_stamp(round(c.match_stamp * 1e9)), rank=c.rank,
+                            descriptor_distance=c.descriptor_distance, odom_distance=c.odom_distance)
+        if c.bev is not None:
+            msg.bev_x, msg.bev_y, msg.bev_yaw, msg.bev_inliers = float(c.bev.x), float(c.bev.y), float(c.bev.yaw), int(c.bev.inliers)
+        return msg
+
+    def _save(self, request: SaveMap.Request, response: SaveMap.Response) -> SaveMap.Response:
+        path = request.path or self.params["map_file"]
+        try:
+            self.map.save(path)
+        except (OSError, PlaceMapError) as err:
+            response.success, response.message = False, f"save failed: {err}"
+            return response
+        response.success, response.path = True, str(path)
+        response.message = f"saved {self.map.size} keyframes"
+        return response
+
+    def _load(self, request: LoadMap.Request, response: LoadMap.Response) -> LoadMap.Response:
+        path = request.path or self.params["map_file"]
+        try:
+            self.map.load(path)
+        except PlaceMapError as err:
+            response.success, response.message = False, f"kept the current map; {err}"
+            return response
+        response.success, response.message = True, f"loaded {self.map.size} keyframes; new keyframes continue from id {self.map.detector.next_id()}"
+        return response
+
+
+def main(args: list[str] | None = None) -> int:
+    from bevplace_ros.nodes.runtime import run_node
+
+    return run_node(PlaceRecognitionNode, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

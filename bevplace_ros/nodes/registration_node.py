@@ -1,0 +1,178 @@
+"""registration_node: keyframes + loop candidates in, verified (or flagged) loop closures out."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+from rclpy.node import Node
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from std_msgs.msg import Float64MultiArray
+
+from bevplace_ros.keyframe_store import KeyframeStoreConfig, KeyframeStoreError
+from bevplace_ros.loop_verifier import LoopVerifier, LoopVerifierConfig, UnknownKeyframe
+from bevplace_ros.msg import Keyframe, LoopCandidate, LoopClosure, PoseGraphEdge
+from bevplace_ros.nodes.conversions import matrix_to_pose, pose_with_covariance, stamp_to_sec
+from bevplace_ros.nodes.parameters import ParamSpec, config_from_params, declare_parameters, specs_from_config, updated_config
+from bevplace_ros.nodes.worker import QueueWorker
+from bevplace_ros.pointcloud2 import PointCloud2Error, xyz_intensity
+from bevplace_ros.registration import RegistrationConfig
+from bevplace_ros.registration.refine import RefineConfig
+from bevplace_ros.registration.verification import VerificationConfig
+from bevplace_ros.se3 import xyyaw_to_matrix
+from bevplace_ros.srv import LoadMap, SaveMap
+
+PARAMS = [
+    ParamSpec("registration.weights", RegistrationConfig.weights, "Registration network weights (.pt); default: the shipped file.", runtime=False),
+    ParamSpec("registration.device", RegistrationConfig.device, "Torch device for the matcher.", choices=("auto", "cpu", "cuda"), runtime=False),
+    ParamSpec("registration.use_network", RegistrationConfig.use_network, "Learned RoITr-style matcher (true) or the FPFH + RANSAC fallback (false).", runtime=False),
+    ParamSpec("registration.refine", RefineConfig.enabled, "Refine the coarse pose with small_gicp GICP.", runtime=False),
+    *specs_from_config(VerificationConfig, "verification.", {
+        "min_fitness": ("Accept a loop only if this share of query points has a match-cloud neighbour after alignment.", 0.0, 1.0),
+        "min_inlier_ratio": ("Minimum robust-estimator inlier ratio of the correspondences.", 0.0, 1.0),
+        "min_inliers": ("Minimum number of inlier correspondences.", 0, 100000),
+    }),
+    *specs_from_config(LoopVerifierConfig, "verifier.", {
+        "min_bev_inliers": ("BEV RANSAC inliers for the BEV 3-DoF guess to be used as a prior.", 0, 10000),
+        "prepared_cache": ("Prepared (voxelised, featurised) clouds kept for reuse.", 1, 1000),
+    }, runtime=False),
+    ParamSpec("verifier.use_bev_prior", LoopVerifierConfig.use_bev_prior, "Hand the BEV 3-DoF guess to the registrar as a prior.", runtime=False),
+    *specs_from_config(KeyframeStoreConfig, "store.", {
+        "max_in_memory": ("Keyframe clouds kept in RAM; older ones spill to disk or are dropped.", 1, 10_000_000),
+        "max_on_disk": ("Spilled clouds kept on disk before the oldest are deleted.", 0, 100_000_000),
+    }, runtime=False),
+    ParamSpec("store.spill_dir", KeyframeStoreConfig.spill_dir, "Folder for spilled clouds; empty drops the oldest instead.", runtime=False),
+    ParamSpec("queue_size", 100, "Pending loop candidates; beyond it the oldest are dropped with a warning.", 1, 100000, runtime=False),
+    ParamSpec("keyframes_file", "bevplace_keyframes.npz", "Default file for the save/load services."),
+    ParamSpec("publish_pose_graph_edges", True, "Also publish pose_graph_tools-shaped edges on pose_graph_edges."),
+    ParamSpec("publish_lio_sam", False, "Also publish [query_stamp, match_stamp] on lio_loop/loop_closure_detection for LIO-SAM."),
+    ParamSpec("robot_id", 0, "robot_from / robot_to of the published PoseGraphEdge.", 0, 1000),
+]
+
+
+class RegistrationNode(Node):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__("registration_node", **kwargs)
+        self.params = declare_parameters(self, PARAMS, self._on_change)
+        p = self.params
+        registration = RegistrationConfig(
+            weights=p["registration.weights"], device=p["registration.device"], use_network=p["registration.use_network"],
+            refine=RefineConfig(enabled=p["registration.refine"]),
+            verification=config_from_params(VerificationConfig, p, "verification."),
+        )
+        self.verifier = LoopVerifier(
+            replace(config_from_params(LoopVerifierConfig, p, "verifier."), use_bev_prior=p["verifier.use_bev_prior"]),
+            registration,
+            replace(config_from_params(KeyframeStoreConfig, p, "store."), spill_dir=p["store.spill_dir"]),
+        )
+        self.method = "roitr_lite" if registration.use_network else "fpfh_ransac"
+        self.method += "+gicp" if registration.refine.enabled else ""
+        self.worker = QueueWorker(self._verify, self._worker_error, "registration", p["queue_size"])
+        self.keyframes_handled = 0
+        self.closures_published = 0
+        reliable = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+        self.closure_pub = self.create_publisher(LoopClosure, "loop_closures", reliable)
+        self.edge_pub = self.create_publisher(PoseGraphEdge, "pose_graph_edges", reliable)
+        self.lio_pub = self.create_publisher(Float64MultiArray, "lio_loop/loop_closure_detection", reliable)
+        self.create_subscription(Keyframe, "keyframes", self._on_keyframe, reliable)
+        self.create_subscription(LoopCandidate, "loop_candidates", self._on_candidate, reliable)
+        self.create_service(SaveMap, "~/save_keyframes", self._save)
+        self.create_service(LoadMap, "~/load_keyframes", self._load)
+
+    def idle(self) -> bool:
+        return self.worker.idle()
+
+    def destroy_node(self) -> None:
+        self.worker.stop()
+        super().destroy_node()
+
+    def _on_change(self, values: dict[str, Any]) -> str | None:
+        registrar = self.verifier.registrar
+        try:
+            verification = updated_config(registrar.cfg.verification, values, "verification.")
+        except ValueError as err:
+            return str(err)
+        registrar.cfg = replace(registrar.cfg, verification=verification)
+        self.params.update(values)
+        return None
+
+    def _on_keyframe(self, msg: Keyframe) -> None:
+        self.keyframes_handled += 1
+        try:
+            self.verifier.add_keyframe(int(msg.id), xyz_intensity(msg.cloud))
+        except PointCloud2Error as err:
+            self.get_logger().warn(f"keyframe {msg.id}: unusable cloud ({err})", throttle_duration_sec=5.0)
+
+    def _on_candidate(self, msg: LoopCandidate) -> None:
+        before = self.worker.dropped
+        self.worker.submit(msg)
+        if self.worker.dropped > before:
+            self.get_logger().warn(f"registration is behind: dropped {self.worker.dropped} loop candidates so far", throttle_duration_sec=5.0)
+
+    def _worker_error(self, err: Exception) -> None:
+        self.get_logger().error(f"loop verification failed: {type(err).__name__}: {err}", throttle_duration_sec=5.0)
+
+    def _verify(self, candidate: LoopCandidate) -> None:
+        guess = xyyaw_to_matrix(candidate.bev_x, candidate.bev_y, candidate.bev_yaw) if candidate.bev_inliers else None
+        start = time.perf_counter()
+        try:
+            result = self.verifier.verify(int(candidate.query_id), int(candidate.match_id), guess, int(candidate.bev_inliers))
+        except UnknownKeyframe as err:
+            self.get_logger().warn(str(err), throttle_duration_sec=5.0)
+            return
+        closure = LoopClosure(
+            header=candidate.header, query_id=candidate.query_id, query_stamp=candidate.query_stamp,
+            match_id=candidate.match_id, match_stamp=candidate.match_stamp,
+            relative_pose=pose_with_covariance(result.transform, result.covariance_ros()),
+            fitness=float(result.fitness), inlier_ratio=float(result.inlier_ratio),
+            num_correspondences=int(result.num_correspondences), descriptor_distance=candidate.descriptor_distance,
+            verified=bool(result.verified), method=self.method, reason=result.reason,
+            latency_ms=(time.perf_counter() - start) * 1e3,
+        )
+        self.closure_pub.publish(closure)
+        self.closures_published += 1
+        if self.params["publish_pose_graph_edges"]:
+            self.edge_pub.publish(self._edge(closure, result.transform))
+        if self.params["publish_lio_sam"] and closure.verified:
+            self.lio_pub.publish(Float64MultiArray(data=[stamp_to_sec(closure.query_stamp), stamp_to_sec(closure.match_stamp)]))
+
+    def _edge(self, closure: LoopClosure, T_match_query: np.ndarray) -> PoseGraphEdge:
+        robot = self.params["robot_id"]
+        return PoseGraphEdge(
+            header=closure.header, key_from=closure.match_id, key_to=closure.query_id, robot_from=robot, robot_to=robot,
+            type=PoseGraphEdge.LOOPCLOSE if closure.verified else PoseGraphEdge.REJECTED_LOOPCLOSE,
+            pose=matrix_to_pose(T_match_query), covariance=closure.relative_pose.covariance,
+        )
+
+    def _save(self, request: SaveMap.Request, response: SaveMap.Response) -> SaveMap.Response:
+        path = request.path or self.params["keyframes_file"]
+        try:
+            count = self.verifier.save(path)
+        except OSError as err:
+            response.success, response.message = False, f"save failed: {err}"
+            return response
+        response.success, response.path = True, str(path)
+        response.message = f"saved {count} keyframe clouds"
+        return response
+
+    def _load(self, request: LoadMap.Request, response: LoadMap.Response) -> LoadMap.Response:
+        path = request.path or self.params["keyframes_file"]
+        try:
+            count = self.verifier.load(path)
+        except KeyframeStoreError as err:
+            response.success, response.message = False, f"kept the current keyframes; {err}"
+            return response
+        response.success, response.message = True, f"loaded {count} keyframe clouds"
+        return response
+
+
+def main(args: list[str] | None = None) -> int:
+    from bevplace_ros.nodes.runtime import run_node
+
+    return run_node(RegistrationNode, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

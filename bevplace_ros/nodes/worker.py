@@ -1,0 +1,84 @@
+"""Background workers so a slow stage never blocks a subscriber callback.
+
+`LatestWorker` keeps only the newest item (LiDAR: an old scan is worth less than the next one);
+`QueueWorker` keeps a bounded FIFO (loop candidates: each one matters, but memory must not grow).
+Both count what they drop so the node can warn with numbers.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Any, Callable
+
+
+class _Worker:
+    def __init__(self, handle: Callable[[Any], None], on_error: Callable[[Exception], None], name: str) -> None:
+        self._handle = handle
+        self._on_error = on_error
+        self._cond = threading.Condition()
+        self._items: deque[Any] = deque()
+        self._busy = False
+        self._stop = False
+        self.dropped = 0
+        self.handled = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def idle(self) -> bool:
+        """Nothing queued and nothing being handled (used by replay's flow control)."""
+        with self._cond:
+            return not self._items and not self._busy
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join(timeout=10.0)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._items and not self._stop:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                item = self._items.popleft()
+                self._busy = True
+            try:
+                self._handle(item)
+            except Exception as err:  # a bad item must never kill the node's worker
+                self._on_error(err)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self.handled += 1
+                    self._cond.notify_all()
+
+
+class LatestWorker(_Worker):
+    """Handles the newest submitted item; an item not yet started is replaced (and counted)."""
+
+    def submit(self, item: Any) -> None:
+        with self._cond:
+            if self._items:
+                self._items.clear()
+                self.dropped += 1
+            self._items.append(item)
+            self._cond.notify_all()
+
+
+class QueueWorker(_Worker):
+    """Handles items in order; beyond `max_size` pending items the oldest is dropped (and counted)."""
+
+    def __init__(self, handle: Callable[[Any], None], on_error: Callable[[Exception], None], name: str, max_size: int) -> None:
+        super().__init__(handle, on_error, name)
+        self.max_size = max_size
+
+    def submit(self, item: Any) -> None:
+        with self._cond:
+            self._items.append(item)
+            while len(self._items) > self.max_size:
+                self._items.popleft()
+                self.dropped += 1
+            self._cond.notify_all()

@@ -1,0 +1,211 @@
+"""The registration entry point: prepared clouds in, 6-DoF pose + covariance + accept/reject out."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bevplace_ros.registration.checkpoint import DEFAULT_WEIGHTS
+from bevplace_ros.registration.covariance import covariance_from_hessian, point_to_point_hessian, to_ros_order
+from bevplace_ros.registration.errors import RegistrationInputError
+from bevplace_ros.registration.matching import Correspondences, MatchingConfig
+from bevplace_ros.registration.pose_estimation import PoseConfig, PoseEstimate
+from bevplace_ros.registration.preprocess import PreparedCloud, PreprocessConfig, prepare_cloud
+from bevplace_ros.registration.refine import RefineConfig, gicp_refine
+from bevplace_ros.registration.verification import VerificationConfig, verify
+
+
+@dataclass(frozen=True)
+class RegistrationConfig:
+    """Everything the registrar needs; each stage keeps its own validated config."""
+
+    weights: str = str(DEFAULT_WEIGHTS)
+    device: str = "auto"
+    use_network: bool = True  # False: FPFH + RANSAC only (the classical path)
+    classical_fallback: bool = False  # retry a network result that fails verification with FPFH + RANSAC
+    torch_threads: int = 1  # CPU threads for torch; 1 avoids OpenMP spinning on a shared 2-core box
+    seed: int = 0  # RANSAC sampling
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    matching: MatchingConfig = field(default_factory=MatchingConfig)
+    pose: PoseConfig = field(default_factory=PoseConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    verification: VerificationConfig = field(default_factory=VerificationConfig)
+
+    def __post_init__(self) -> None:
+        if self.torch_threads < 1:
+            raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
+
+
+@dataclass(frozen=True)
+class RegistrationResult:
+    """All a caller needs to accept a loop: pose, its uncertainty, quality scores and the decision."""
+
+    transform: np.ndarray  # (4, 4) T_target_source
+    covariance: np.ndarray  # (6, 6) rot x,y,z then trans x,y,z (see covariance.py)
+    fitness: float
+    inlier_ratio: float
+    num_correspondences: int
+    verified: bool
+    reason: str
+    timings: dict[str, float]
+
+    def covariance_ros(self) -> np.ndarray:
+        """Covariance in geometry_msgs/PoseWithCovariance order (x, y, z, roll, pitch, yaw)."""
+        return to_ros_order(self.covariance)
+
+
+def _check_guess(guess: np.ndarray | None) -> np.ndarray | None:
+    if guess is None:
+        return None
+    arr = np.asarray(guess, dtype=np.float64)
+    if arr.shape != (4, 4) or not np.isfinite(arr).all():
+        raise RegistrationInputError(f"initial_guess must be a finite 4x4 matrix, got shape {arr.shape}")
+    if not np.allclose(arr[:3, :3] @ arr[:3, :3].T, np.eye(3), atol=1e-4) or not np.allclose(arr[3], [0, 0, 0, 1]):
+        raise RegistrationInputError("initial_guess is not a rigid transform (rotation not orthonormal or bad last row)")
+    return arr
+
+
+class Registrar:
+    """Registers LiDAR clouds from any initial yaw; keep `preprocess` results to register keyframes cheaply."""
+
+    def __init__(self, cfg: RegistrationConfig | None = None) -> None:
+        import torch
+
+        from bevplace_ros.device import resolve_device
+
+        self.cfg = cfg or RegistrationConfig()
+        self.device = resolve_device(self.cfg.device)
+        torch.set_num_threads(self.cfg.torch_threads)
+        self.model = None
+        self.meta: dict = {}
+        if self.cfg.use_network:
+            from bevplace_ros.registration.checkpoint import load_model
+
+            self.model, self.meta = load_model(self.cfg.weights, self.device)
+
+    def preprocess(self, points: np.ndarray, name: str = "points") -> PreparedCloud:
+        """Voxelise, estimate normals, pick superpoints and (network) encode; the result is cacheable."""
+        import torch
+
+        cloud = prepare_cloud(points, self.cfg.preprocess, name)
+        start = time.perf_counter()
+        if self.model is not None:
+            from bevplace_ros.registration.model import encode_arrays
+
+            with torch.inference_mode():
+                cloud.features["encoded"] = encode_arrays(self.model, cloud.arrays(), self.device)
+        else:
+            from bevplace_ros.registration.fpfh import cloud_fpfh
+
+            cloud_fpfh(cloud)
+        cloud.timings["features"] = (time.perf_counter() - start) * 1e3
+        return cloud
+
+    def register(self, source: np.ndarray, target: np.ndarray, initial_guess: np.ndarray | None = None
+                 ) -> RegistrationResult:
+        """T_target_source for raw clouds (N, >=3); `initial_guess` is an optional prior, not required."""
+        guess = _check_guess(initial_guess)
+        src = self.preprocess(source, "source")
+        tgt = self.preprocess(target, "target")
+        result = self.register_prepared(src, tgt, guess)
+        prep = {"preprocess": sum(src.timings.values()) + sum(tgt.timings.values())}
+        timings = {**prep, **result.timings, "total": result.timings["total"] + prep["preprocess"]}
+        return RegistrationResult(**{**result.__dict__, "timings": timings})
+
+    def register_prepared(self, src: PreparedCloud, tgt: PreparedCloud, initial_guess: np.ndarray | None = None
+                          ) -> RegistrationResult:
+        """Correspondences -> robust pose -> GICP -> covariance -> verification, on cached clouds."""
+        guess = _check_guess(initial_guess)
+        start = time.perf_counter()
+        result = self._attempt(src, tgt, guess, self.model is not None)
+        if not result.verified and self.model is not None and self.cfg.classical_fallback:
+            from bevplace_ros.registration.fpfh import cloud_fpfh
+
+            for cloud in (src, tgt):
+                cloud_fpfh(cloud)
+            retry = self._attempt(src, tgt, guess, False)
+            timings = {**result.timings, "fallback": retry.timings["total"]}
+            if retry.verified or retry.fitness > result.fitness:
+                result = retry
+            result = RegistrationResult(**{**result.__dict__, "timings": timings})
+        result.timings["total"] = (time.perf_counter() - start) * 1e3
+        return result
+
+    def _attempt(self, src: PreparedCloud, tgt: PreparedCloud, guess: np.ndarray | None, network: bool
+                 ) -> RegistrationResult:
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        estimate, matched = self._estimate(src, tgt, guess, timings, network)
+        num_corr = len(matched[0])
+        if estimate is None:
+            return self._failure("no usable correspondences", num_corr, timings, start)
+        coarse = estimate.transform.cpu().numpy()
+        inlier_ratio, num_inliers = estimate.inlier_ratio, int(estimate.inliers.sum())
+        t0 = time.perf_counter()
+        if self.cfg.refine.enabled:
+            refined = gicp_refine(src, tgt, coarse, self.cfg.refine)
+            transform, fitness = refined.transform, refined.fitness
+            covariance = covariance_from_hessian(refined.hessian, refined.error, refined.num_inliers)
+        else:  # no GICP: the correspondences themselves give the fitness and the Hessian
+            transform, fitness = coarse, inlier_ratio
+            inl = estimate.inliers.cpu().numpy()
+            hessian, error = point_to_point_hessian(matched[0][inl], matched[1][inl], coarse)
+            covariance = covariance_from_hessian(hessian, error, num_inliers)
+        timings["refine"] = (time.perf_counter() - t0) * 1e3
+        verified, reason = verify(fitness, inlier_ratio, num_inliers, self.cfg.verification)
+        timings["total"] = (time.perf_counter() - start) * 1e3
+        return RegistrationResult(transform=transform, covariance=covariance, fitness=fitness,
+                                  inlier_ratio=inlier_ratio, num_correspondences=num_corr, verified=verified,
+                                  reason=reason, timings=timings)
+
+    def _estimate(self, src: PreparedCloud, tgt: PreparedCloud, guess: np.ndarray | None,
+                  timings: dict[str, float], network: bool) -> tuple[PoseEstimate | None, tuple[np.ndarray, np.ndarray]]:
+        """Robust pose from network (LGR) or FPFH (RANSAC) correspondences, and the matched points."""
+        import torch
+
+        from bevplace_ros.registration import pose_estimation as pe
+
+        t0 = time.perf_counter()
+        extra = None if guess is None else torch.as_tensor(guess, device=self.device)[None]  # prior = 1 hypothesis
+        with torch.inference_mode():
+            if network:
+                corr = self._network_correspondences(src, tgt)
+                timings["match"] = (time.perf_counter() - t0) * 1e3
+                t1 = time.perf_counter()
+                estimate = pe.local_to_global(corr, self.cfg.pose, extra)
+                src_pts, tgt_pts = corr.src, corr.tgt
+            else:
+                from bevplace_ros.registration.fpfh import cloud_fpfh, mutual_matches
+
+                ia, ib = mutual_matches(cloud_fpfh(src), cloud_fpfh(tgt))
+                src_pts = torch.as_tensor(src.fine_points[ia], device=self.device)
+                tgt_pts = torch.as_tensor(tgt.fine_points[ib], device=self.device)
+                timings["match"] = (time.perf_counter() - t0) * 1e3
+                t1 = time.perf_counter()
+                gen = torch.Generator().manual_seed(self.cfg.seed)
+                estimate = pe.ransac(src_pts, tgt_pts, self.cfg.pose, gen, extra)
+        timings["pose"] = (time.perf_counter() - t1) * 1e3
+        return estimate, (src_pts.double().cpu().numpy(), tgt_pts.double().cpu().numpy())
+
+    def _network_correspondences(self, src: PreparedCloud, tgt: PreparedCloud) -> Correspondences:
+        import torch
+
+        from bevplace_ros.registration.matching import coarse_matches, fine_matches
+
+        for cloud in (src, tgt):
+            if "encoded" not in cloud.features:
+                raise RegistrationInputError("prepared cloud lacks network features; prepare it with this Registrar")
+        a, b = src.features["encoded"], tgt.features["encoded"]
+        src_desc, tgt_desc = self.model.match(a, b)
+        si, ti = coarse_matches(src_desc, tgt_desc, self.cfg.matching)
+        arrays = (torch.as_tensor(x, device=self.device) for x in (src.patches, tgt.patches, src.fine_points,
+                                                                     tgt.fine_points))
+        return fine_matches(si, ti, *arrays, a.point_desc, b.point_desc, self.cfg.matching)
+
+    def _failure(self, reason: str, num_corr: int, timings: dict[str, float], start: float) -> RegistrationResult:
+        timings["total"] = (time.perf_counter() - start) * 1e3
+        return RegistrationResult(transform=np.eye(4), covariance=np.eye(6) * 1e4, fitness=0.0, inlier_ratio=0.0,
+                                  num_correspondences=num_corr, verified=False, reason=reason, timings=timings)

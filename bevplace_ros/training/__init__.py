@@ -1,0 +1,1 @@
+"""Training of the BEVPlace place-recognition network: cached data, mining, losses, trainer."""

@@ -1,0 +1,154 @@
+"""Registration: rigid copies, rotation invariance, real KITTI pairs from any yaw, rejection, covariance, errors."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bevplace_ros.registration import (Registrar, RegistrationCheckpointError, RegistrationConfig,
+                                       RegistrationInputError, RegistrationResult)
+from bevplace_ros.registration.model import RoITrLite, encode_arrays
+from bevplace_ros.registration.pose_estimation import PoseConfig, local_to_global, weighted_kabsch
+from bevplace_ros.registration.matching import Correspondences
+from bevplace_ros.registration.preprocess import PreprocessConfig, prepare_cloud
+from bevplace_ros.registration.refine import gicp_refine
+from bevplace_ros.registration.verification import calibrate_threshold
+from bevplace_ros.se3 import (invert, load_kitti_poses, make_transform, random_rotation, rotation_error_deg,
+                              transform_points, translation_error)
+
+
+def _scan(shared_data: Path, frame: int) -> np.ndarray:
+    return np.fromfile(shared_data / "kitti_scans" / f"{frame:06d}.bin", dtype=np.float32).reshape(-1, 4)
+
+
+@pytest.fixture(scope="module")
+def registrar() -> Registrar:
+    return Registrar(RegistrationConfig(device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def kitti(shared_data: Path) -> tuple[list[np.ndarray], np.ndarray]:
+    return [_scan(shared_data, f) for f in (0, 5, 15)], load_kitti_poses(str(shared_data / "kitti_scans" / "poses.txt"))
+
+
+def test_rigid_copy_registers_from_any_rotation(registrar, kitti, rng):
+    scan = kitti[0][0]
+    for _ in range(2):
+        direction = rng.normal(size=3)
+        truth = make_transform(random_rotation(rng, 180.0), direction / np.linalg.norm(direction) * rng.uniform(0, 20))
+        res = registrar.register(scan, transform_points(truth, scan))
+        assert isinstance(res, RegistrationResult)
+        assert translation_error(res.transform, truth) < 0.05
+        assert rotation_error_deg(res.transform, truth) < 0.2
+        assert res.verified, res.reason
+
+
+def test_real_kitti_pair_from_any_yaw_agrees_with_gicp_from_truth(registrar, kitti, rng):
+    scans, poses = kitti
+    src, tgt = registrar.preprocess(scans[0]), registrar.preprocess(scans[1])
+    T_ref = gicp_refine(src, tgt, invert(poses[1]) @ poses[0], registrar.cfg.refine).transform
+    spin = make_transform(random_rotation(rng, 180.0, axis=np.array([0.0, 0.0, 1.0])), np.zeros(3))
+    res = registrar.register_prepared(registrar.preprocess(transform_points(spin, scans[0])), tgt)
+    truth = T_ref @ invert(spin)
+    assert translation_error(res.transform, truth) <= 0.2
+    assert rotation_error_deg(res.transform, truth) <= 0.5
+    assert res.verified, res.reason
+
+
+def test_encoder_is_rotation_invariant(kitti, rng):
+    torch.manual_seed(0)
+    model = RoITrLite().eval()
+    arrays = prepare_cloud(kitti[0][0], PreprocessConfig()).arrays()
+    spin = random_rotation(rng, 180.0)
+    rotated = dict(arrays)
+    for key in ("fine_points", "superpoints"):
+        rotated[key] = arrays[key] @ spin.T + np.array([5.0, -3.0, 1.0])
+    for key in ("fine_normals", "superpoint_normals"):
+        rotated[key] = -(arrays[key] @ spin.T)  # flipped too: normal signs are arbitrary
+    with torch.inference_mode():
+        a, b = (encode_arrays(model, x, torch.device("cpu")) for x in (arrays, rotated))
+        fa, fb = model.match(a, a)[0], model.match(b, b)[0]
+    torch.testing.assert_close(a.point_desc, b.point_desc, atol=2e-4, rtol=1e-3)
+    torch.testing.assert_close(fa, fb, atol=2e-4, rtol=1e-3)
+
+
+def test_false_pair_is_rejected(registrar):
+    from bevplace_ros.registration.sim_pairs import sample_pairs
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        pair = sample_pairs("industrial", 7, {"false": 1})[0]
+    res = registrar.register(pair.source, pair.target)
+    assert translation_error(res.transform, pair.T_target_source) > 2.0  # nothing true to find
+    assert not res.verified
+    assert res.reason
+
+
+def test_covariance_is_symmetric_positive_definite(registrar, kitti):
+    scans, poses = kitti
+    res = registrar.register(scans[0], scans[2])
+    for cov in (res.covariance, res.covariance_ros()):
+        np.testing.assert_allclose(cov, cov.T, atol=1e-12)
+        assert np.linalg.eigvalsh(cov).min() > 0
+    np.testing.assert_allclose(res.covariance_ros()[:3, :3], res.covariance[3:, 3:])
+    assert set(res.timings) >= {"preprocess", "match", "pose", "refine", "total"}
+
+
+def test_weighted_kabsch_and_lgr_recover_pose_despite_outliers(rng):
+    truth = make_transform(random_rotation(rng), rng.normal(size=3) * 5)
+    src = rng.uniform(-20, 20, (200, 3))
+    tgt = transform_points(truth, src)
+    tgt[100:] = rng.uniform(-20, 20, (100, 3))  # half the matches are wrong
+    est = weighted_kabsch(torch.as_tensor(src[None, :100]), torch.as_tensor(tgt[None, :100]), torch.ones(1, 100))[0]
+    np.testing.assert_allclose(est.numpy(), truth, atol=1e-9)
+    corr = Correspondences(src=torch.as_tensor(src), tgt=torch.as_tensor(tgt), weight=torch.ones(200),
+                           group=torch.as_tensor(np.arange(200) // 10), num_groups=20)
+    result = local_to_global(corr, PoseConfig())
+    assert translation_error(result.transform.numpy(), truth) < 1e-6
+    assert abs(result.inlier_ratio - 0.5) < 0.05
+
+
+def test_calibrated_threshold_reaches_precision():
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    labels = np.array([1, 1, 0, 1, 0, 0], dtype=bool)
+    assert calibrate_threshold(scores, labels, 1.0) == 0.8
+    assert calibrate_threshold(scores, labels, 0.75) == 0.6
+    assert calibrate_threshold(np.array([0.5, 0.5]), np.array([True, False]), 1.0) > 0.5  # ties cannot be split
+
+
+def test_bad_inputs_raise_clear_errors(registrar, kitti, tmp_path):
+    scan = kitti[0][0]
+    with pytest.raises(RegistrationInputError, match="shape"):
+        registrar.register(scan[:, :2], scan)
+    with pytest.raises(RegistrationInputError, match="finite points"):
+        registrar.register(np.full((500, 3), np.nan), scan)
+    with pytest.raises(RegistrationInputError, match="rigid"):
+        registrar.register(scan, scan, initial_guess=np.ones((4, 4)))
+    with pytest.raises(RegistrationCheckpointError, match="not found"):
+        Registrar(RegistrationConfig(weights=str(tmp_path / "missing.pt"), device="cpu"))
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(RegistrationCheckpointError, match="unreadable"):
+        Registrar(RegistrationConfig(weights=str(corrupt), device="cpu"))
+    with pytest.raises(ValueError, match="max_superpoints"):
+        PreprocessConfig(max_superpoints=2)
+
+
+def test_classical_fallback_registers_real_pair(kitti):
+    scans, poses = kitti
+    registrar = Registrar(RegistrationConfig(use_network=False))
+    res = registrar.register(scans[0], scans[1])
+    truth = invert(poses[1]) @ poses[0]
+    assert translation_error(res.transform, truth) < 1.0 and rotation_error_deg(res.transform, truth) < 1.5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine: CPU/CUDA agreement untested")
+def test_cpu_and_cuda_agree(kitti):
+    scans, _ = kitti
+    results = [Registrar(RegistrationConfig(device=d)).register(scans[0], scans[1]) for d in ("cpu", "cuda")]
+    assert translation_error(results[0].transform, results[1].transform) < 0.05
+    assert rotation_error_deg(results[0].transform, results[1].transform) < 0.1
