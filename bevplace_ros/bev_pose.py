@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from bevplace_ros.bev import BEVConfig
+from bevplace_ros.models.bevplace_net import feature_coords
 from bevplace_ros.se3 import xyyaw_to_matrix
 
 
@@ -74,16 +75,14 @@ def detect_keypoints(bev: np.ndarray, cfg: BEVPoseConfig) -> np.ndarray:
 
 
 def sample_descriptors(local: np.ndarray | torch.Tensor, rows_cols: np.ndarray, image_size: int) -> np.ndarray:
-    """Bilinear samples of the (C, h, w) feature map at image pixel positions, L2-normalised.
-
-    The feature map spans the same extent as the image, so normalised grid coordinates carry over.
-    """
+    """Bilinear samples of the (C, h, w) feature map at image pixel positions, L2-normalised."""
     feats = torch.as_tensor(local, dtype=torch.float32)
     if len(rows_cols) == 0:
         return np.zeros((0, feats.shape[0]), dtype=np.float32)
-    rc = torch.as_tensor(rows_cols, dtype=torch.float32)
-    grid = torch.stack([(2 * rc[:, 1] + 1) / image_size - 1, (2 * rc[:, 0] + 1) / image_size - 1], dim=-1)
-    sampled = F.grid_sample(feats[None], grid[None, None], mode="bilinear", align_corners=False)[0, :, 0].T
+    fc = feature_coords(torch.as_tensor(rows_cols, dtype=torch.float32), image_size)
+    h, w = feats.shape[-2:]
+    grid = torch.stack([2 * fc[:, 1] / (w - 1) - 1, 2 * fc[:, 0] / (h - 1) - 1], dim=-1)
+    sampled = F.grid_sample(feats[None], grid[None, None], mode="bilinear", align_corners=True)[0, :, 0].T
     return F.normalize(sampled, dim=1).numpy()
 
 

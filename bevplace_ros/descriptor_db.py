@@ -170,51 +170,59 @@ class DescriptorDatabase:
         dist = np.sqrt(np.maximum(2.0 - 2.0 * sims[0][found], 0.0))
         return [Match(int(self._ids[r]), float(self._stamps[r]), float(d)) for r, d in zip(rows[0][found], dist)]
 
-    def save(self, path: str | Path) -> Path:
-        """One atomic file: header (magic, version, JSON with config/count/checksum) + payload."""
+    def to_bytes(self) -> bytes:
+        """Header (magic, version, JSON with config/count/checksum) + payload."""
         import faiss
 
         index_bytes = faiss.serialize_index(self._index).tobytes()
         payload = self._ids[: self._size].tobytes() + self._stamps[: self._size].tobytes() + index_bytes
         meta = {"config": asdict(self.cfg), "count": self._size, "index_bytes": len(index_bytes), "crc32": zlib.crc32(payload)}
         meta_bytes = json.dumps(meta, sort_keys=True).encode()
-        blob = _HEADER.pack(MAGIC, FORMAT_VERSION, len(meta_bytes)) + meta_bytes + payload
+        return _HEADER.pack(MAGIC, FORMAT_VERSION, len(meta_bytes)) + meta_bytes + payload
+
+    def save(self, path: str | Path) -> Path:
+        """One atomic file holding to_bytes()."""
+        blob = self.to_bytes()
         return atomic_write(path, lambda tmp: tmp.write_bytes(blob))
 
     @classmethod
     def load(cls, path: str | Path, expected_dim: int | None = None) -> "DescriptorDatabase":
         """Inverse of save; any inconsistency raises DatabaseError naming the file and the fault."""
-        import faiss
-
         path = Path(path)
         if not path.is_file():
             raise DatabaseError(f"descriptor database not found: {path}")
-        blob = path.read_bytes()
-        meta, payload = _split(blob, path)
+        return cls.from_bytes(path.read_bytes(), str(path), expected_dim)
+
+    @classmethod
+    def from_bytes(cls, blob: bytes, origin: str, expected_dim: int | None = None) -> "DescriptorDatabase":
+        """Inverse of to_bytes; `origin` names the source in error messages."""
+        import faiss
+
+        meta, payload = _split(blob, origin)
         try:
             cfg = DatabaseConfig(**meta["config"])
             count, n_index = int(meta["count"]), int(meta["index_bytes"])
         except (KeyError, TypeError, ValueError) as err:
-            raise DatabaseError(f"{path}: header lacks or garbles a field: {err}") from err
+            raise DatabaseError(f"{origin}: header lacks or garbles a field: {err}") from err
         if expected_dim is not None and cfg.dim != expected_dim:
-            raise DatabaseError(f"{path}: stores {cfg.dim}-d descriptors, expected {expected_dim}-d (other model?)")
+            raise DatabaseError(f"{origin}: stores {cfg.dim}-d descriptors, expected {expected_dim}-d (other model?)")
         if len(payload) != 16 * count + n_index:
-            raise DatabaseError(f"{path}: payload is {len(payload)} bytes, header promises {16 * count + n_index} (truncated?)")
+            raise DatabaseError(f"{origin}: payload is {len(payload)} bytes, header promises {16 * count + n_index} (truncated?)")
         if zlib.crc32(payload) != meta.get("crc32"):
-            raise DatabaseError(f"{path}: checksum mismatch (file corrupt)")
+            raise DatabaseError(f"{origin}: checksum mismatch (file corrupt)")
         try:
             index = faiss.deserialize_index(np.frombuffer(payload[16 * count :], dtype=np.uint8))
         except RuntimeError as err:
-            raise DatabaseError(f"{path}: faiss index unreadable: {err}") from err
+            raise DatabaseError(f"{origin}: faiss index unreadable: {err}") from err
         if index.d != cfg.dim or index.ntotal != count:
-            raise DatabaseError(f"{path}: index holds {index.ntotal} x {index.d}-d, header says {count} x {cfg.dim}-d")
+            raise DatabaseError(f"{origin}: index holds {index.ntotal} x {index.d}-d, header says {count} x {cfg.dim}-d")
         db = cls(cfg)
         db._index = index
         db._append_meta(np.frombuffer(payload[: 8 * count], dtype=np.int64), np.frombuffer(payload[8 * count : 16 * count], dtype=np.float64))
         return db
 
 
-def _split(blob: bytes, path: Path) -> tuple[dict, bytes]:
+def _split(blob: bytes, path: str) -> tuple[dict, bytes]:
     """Header checks: magic (foreign file), version, JSON length (truncation)."""
     if len(blob) < _HEADER.size:
         raise DatabaseError(f"{path}: {len(blob)} bytes, too short for a database header (truncated?)")

@@ -23,9 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-worlds", type=_world, nargs="+", default=[("urban", 50), ("suburban", 50)],
                         help="STYLE:SEED worlds whose pairs calibrate the verification threshold")
     parser.add_argument("--loops", type=int, default=100, help="true loop pairs (0-6 m apart, any heading)")
-    parser.add_argument("--odometry", type=int, default=50, help="KITTI-style pairs 10-14 m apart")
-    parser.add_argument("--false", type=int, default=50, help="hard false candidates 25-60 m apart")
-    parser.add_argument("--val-pairs", type=int, default=15, help="pairs of each kind per validation world")
+    parser.add_argument("--odometry", type=int, default=40, help="KITTI-style pairs 10-14 m apart")
+    parser.add_argument("--false", type=int, default=40, help="hard false candidates 25-60 m apart")
+    parser.add_argument("--val-pairs", type=int, default=10, help="pairs of each kind per validation world")
     parser.add_argument("--precision", type=float, default=1.0, help="precision the threshold is calibrated for")
     parser.add_argument("--kitti", type=Path, default=Path(__file__).resolve().parents[3] / "shared/data/kitti_scans")
     parser.add_argument("--kitti-yaws", type=int, default=4, help="random initial yaws per real KITTI pair")
@@ -62,7 +62,20 @@ def _run_pairs(pairs, methods, net) -> dict[str, list[dict]]:
     return records
 
 
-def _kitti(root: Path, methods, net, yaws: int) -> dict:
+def _with_fallback(records: dict[str, list[dict]], gate: float) -> list[dict]:
+    """What Registrar(classical_fallback=True, min_fitness=gate) returns, rebuilt from the two runs' records:
+    the network result if it passes the gate, else FPFH + RANSAC when that passes or fits better."""
+    out = []
+    for net, fpfh in zip(records["roitr_lite"], records["fpfh_ransac"]):
+        if net["score"] >= gate:
+            out.append(net)
+        else:
+            pick = fpfh if fpfh["score"] >= gate or fpfh["score"] > net["score"] else net
+            out.append({**pick, "ms": net["ms"] + fpfh["ms"]})
+    return out
+
+
+def _kitti(root: Path, methods, net, yaws: int, gate: float) -> dict:
     """Real scans 0/5/15 of KITTI 00 from random initial yaws, against GICP refined from the true pose."""
     import numpy as np
 
@@ -89,7 +102,9 @@ def _kitti(root: Path, methods, net, yaws: int) -> dict:
                     "rte_vs_gicp_truth": translation_error(out.transform, truth),
                     "rre_vs_gicp_truth": rotation_error_deg(out.transform, truth),
                     "rte_vs_poses": translation_error(out.transform, pose_truth),
-                    "rre_vs_poses": rotation_error_deg(out.transform, pose_truth), "ms": out.ms})
+                    "rre_vs_poses": rotation_error_deg(out.transform, pose_truth), "ms": out.ms,
+                    "score": out.score})
+    rows["roitr_lite+fallback"] = _with_fallback(rows, gate)
     summary = {}
     for name, recs in rows.items():
         agree = [r["rte_vs_gicp_truth"] <= 0.2 and r["rre_vs_gicp_truth"] <= 0.5 for r in recs]
@@ -100,13 +115,13 @@ def _kitti(root: Path, methods, net, yaws: int) -> dict:
 
 
 def _table(results: dict) -> str:
-    head = (f"{'method':15} {'loopRR':>7} {'strict':>7} {'RTE m':>6} {'RRE deg':>7} {'odoRR':>6} {'RTE m':>6} "
+    head = (f"{'method':20} {'loopRR':>7} {'strict':>7} {'RTE m':>6} {'RRE deg':>7} {'odoRR':>6} {'RTE m':>6} "
             f"{'RRE deg':>7} {'inlier':>6} {'ms':>6} {'thr':>5} {'P':>5} {'R':>5} {'KITTI':>6}")
     lines = [head, "-" * len(head)]
     for name, res in results["test"].items():
         loop, odo, ver = res["loop"], res["odometry"], res["verification"]
         kitti = results["kitti"].get(name, {}).get("agree_with_gicp_from_truth", float("nan"))
-        lines.append(f"{name:15} {loop['rr']:7.3f} {loop['rr_strict']:7.3f} {loop['rte_mean']:6.3f} "
+        lines.append(f"{name:20} {loop['rr']:7.3f} {loop['rr_strict']:7.3f} {loop['rte_mean']:6.3f} "
                      f"{loop['rre_mean']:7.3f} {odo['rr']:6.3f} {odo['rte_mean']:6.3f} {odo['rre_mean']:7.3f} "
                      f"{loop['inlier_ratio']:6.3f} {loop['ms']:6.0f} {res['threshold']:5.2f} "
                      f"{ver['precision']:5.2f} {ver['recall']:5.2f} {kitti:6.2f}")
@@ -131,20 +146,25 @@ def run(args: argparse.Namespace) -> int:
     n = args.val_pairs
     val_pairs = [p for world in args.val_worlds for p in sample_pairs(*world, {"loop": n, "odometry": n, "false": n})]
     val = _run_pairs(val_pairs, methods, net)
-    thresholds = {}
-    for name, recs in val.items():
+    def calibrate(recs: list[dict]) -> float:
         scores = np.array([r["score"] for r in recs])
         positive = np.array([r["success"] and r["kind"] != "false" for r in recs])
-        thresholds[name] = calibrate_threshold(scores, positive, args.precision)
+        return calibrate_threshold(scores, positive, args.precision)
+
+    thresholds = {name: calibrate(recs) for name, recs in val.items()}
+    val["roitr_lite+fallback"] = _with_fallback(val, thresholds["roitr_lite"])
+    thresholds["roitr_lite+fallback"] = calibrate(val["roitr_lite+fallback"])
     test_pairs = sample_pairs(*args.test_world, {"loop": args.loops, "odometry": args.odometry, "false": args.false})
     test = _run_pairs(test_pairs, methods, net)
+    test["roitr_lite+fallback"] = _with_fallback(test, thresholds["roitr_lite"])
     results = {
         "protocol": {"success": "RTE < 2 m and RRE < 5 deg", "strict": "RTE <= 0.2 m and RRE <= 1 deg",
                      "test_world": args.test_world, "val_worlds": args.val_worlds,
                      "calibrated_precision": args.precision, "weights": net.cfg.weights},
         "test": {name: summarise(recs, thresholds[name]) for name, recs in test.items()},
         "validation": {name: summarise(recs, thresholds[name]) for name, recs in val.items()},
-        "kitti": _kitti(args.kitti, methods, net, args.kitti_yaws) if args.kitti.is_dir() else {},
+        "kitti": _kitti(args.kitti, methods, net, args.kitti_yaws, thresholds["roitr_lite"]) if args.kitti.is_dir()
+        else {},
         "records": {"test": test},
         "wall_minutes": (time.perf_counter() - start) / 60,
     }

@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+REVISIT_RADIUS_M = 5.0  # a keyframe revisits a place within this distance (BEVPlace protocol)
+REVISIT_MIN_GAP = 50  # keyframes; matches the default retrieval.exclude_recent
 HELP = "replay a rosbag2 (sqlite3/mcap) through the three nodes, record their outputs and report loops, latency and ATE"
 
 
@@ -23,6 +25,9 @@ def add_replay_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--odom-topic", default="/odom")
     parser.add_argument("--external", action="store_true", help="only publish and record: the nodes run as separate processes")
     parser.add_argument("--max-scans", type=int, default=0, help="stop after this many scans (0 = all)")
+    parser.add_argument("--skip-scans", type=int, default=0, help="start after this many scans")
+    parser.add_argument("--load-map", type=Path, default=None, help="folder saved by --save-map: continue that map")
+    parser.add_argument("--save-map", type=Path, default=None, help="save every node's state into this folder at the end")
     parser.add_argument("-p", "--param", action="append", default=[], metavar="NAME:=VALUE", help="override a node parameter")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -32,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def replay_and_report(bag: Path, args: argparse.Namespace) -> int:
-    from bevplace_ros.evaluation.loop_report import format_report, judge_loops, plot_run, revisiting_keyframes, summarize
+    from bevplace_ros.evaluation.loop_report import format_report, plot_run
     from bevplace_ros.nodes.bag_replay import ReplayOptions, replay
     from bevplace_ros.nodes.config_file import default_params_file
     from bevplace_ros.atomic_io import atomic_write_bytes
@@ -41,19 +46,29 @@ def replay_and_report(bag: Path, args: argparse.Namespace) -> int:
     options = ReplayOptions(
         bag=bag, params_file=args.params or default_params_file(), record=run_dir / "outputs", rate=args.rate,
         points_topic=args.points_topic, odom_topic=args.odom_topic, in_process=not args.external,
-        max_scans=args.max_scans, overrides=tuple(args.param), progress=not args.no_progress,
+        max_scans=args.max_scans, skip_scans=args.skip_scans, load_map=args.load_map, save_map=args.save_map,
+        overrides=tuple(args.param), progress=not args.no_progress,
     )
     result = replay(options)
-    gt = _ground_truth(bag, result.keyframe_stamps, args.points_topic, args.odom_topic)
-    outcomes = judge_loops([c[:4] for c in result.closures], gt)
-    summary = summarize(outcomes, revisiting_keyframes(gt, 5.0, 50) if gt else [], result.odometry, result.optimized, gt)
-    summary.update(scans=result.scans_published, keyframes=len(result.keyframe_stamps), wall_s=result.wall_s,
-                   latency_ms=result.latency_ms, bag=str(bag), outputs=str(options.record))
+    summary, gt, outcomes = summarize_run(options, result)
     atomic_write_bytes(run_dir / "report.json", json.dumps(summary, indent=2).encode())
     plot_run(run_dir / "trajectories.png", gt, result.odometry, result.optimized, outcomes)
     print(format_report(summary))
     print(f"report: {run_dir / 'report.json'}\nplot:   {run_dir / 'trajectories.png'}\noutputs: {options.record}")
     return 0
+
+
+def summarize_run(options, result) -> tuple[dict, dict, list]:
+    """(summary, ground truth by keyframe, loop outcomes) of a finished replay."""
+    from bevplace_ros.evaluation.loop_report import judge_loops, revisiting_keyframes, summarize
+
+    gt = _ground_truth(options.bag, result.keyframe_stamps, options.points_topic, options.odom_topic)
+    outcomes = judge_loops([c[:4] for c in result.closures], gt)
+    revisits = revisiting_keyframes(gt, REVISIT_RADIUS_M, REVISIT_MIN_GAP) if gt else []
+    summary = summarize(outcomes, revisits, result.odometry, result.optimized, gt, result.graph_loops)
+    summary.update(scans=result.scans_published, keyframes=len(result.keyframe_stamps), wall_s=result.wall_s,
+                   latency_ms=result.latency_ms, bag=str(options.bag), outputs=str(options.record))
+    return summary, gt, outcomes
 
 
 def _ground_truth(bag: Path, keyframe_stamps: dict[int, int], points_topic: str, odom_topic: str) -> dict:

@@ -56,7 +56,9 @@ def revisiting_keyframes(gt: dict[int, np.ndarray], radius_m: float, exclude_rec
     return found
 
 
-def summarize(outcomes: list[LoopOutcome], revisits: list[int], odom: dict[int, np.ndarray], optimized: dict[int, np.ndarray], gt: dict[int, np.ndarray]) -> dict:
+def summarize(outcomes: list[LoopOutcome], revisits: list[int], odom: dict[int, np.ndarray], optimized: dict[int, np.ndarray],
+              gt: dict[int, np.ndarray], graph_loops: set[tuple[int, int]] | None = None) -> dict:
+    """Counts and ATE; `graph_loops` (query, match) are the loops the pose graph took, when known."""
     verified = [o for o in outcomes if o.verified]
     true_verified = [o for o in verified if o.true_loop]
     found = {o.query_id for o in true_verified}
@@ -71,6 +73,10 @@ def summarize(outcomes: list[LoopOutcome], revisits: list[int], odom: dict[int, 
         "revisits_closed": len(found & set(revisits)),
         "loops": [asdict(o) for o in outcomes],
     }
+    if graph_loops is not None:
+        taken = [o for o in verified if (o.query_id, o.match_id) in graph_loops]
+        summary["graph_loops"] = len(taken)
+        summary["graph_false_loops"] = sum(1 for o in taken if o.true_loop is False)
     if len(keys) >= 3:
         ref = np.array([gt[k] for k in keys])
         summary["ate_odometry_m"] = ate_rmse(np.array([odom[k] for k in keys]), ref)
@@ -116,6 +122,7 @@ def format_report(summary: dict) -> str:
         f"loop candidates {summary['candidates']}: verified {summary['verified_loops']} "
         f"(true {summary['true_loops']}, false {summary['false_loops']}), true candidates rejected {summary['rejected_true_candidates']}",
         f"revisiting keyframes closed: {summary['revisits_closed']} of {summary['revisiting_keyframes']}",
+        *([f"pose graph took {summary['graph_loops']} loops, {summary['graph_false_loops']} of them false"] if "graph_loops" in summary else []),
         "",
         f"{'stage':<20}{'count':>7}{'mean ms':>10}{'p50 ms':>10}{'p95 ms':>10}{'max ms':>10}",
     ]

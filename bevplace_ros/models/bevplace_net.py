@@ -102,6 +102,12 @@ class BEVPlaceNet(nn.Module):
         back = rotate_images(feats, -angles.repeat_interleave(b))
         return back.view(r, b, *back.shape[1:]).amax(dim=0)
 
+    @torch.no_grad()
+    def init_vlad_from_images(self, images: torch.Tensor, seed: int = 0) -> None:
+        """Seed NetVLAD centroids by k-means of these images' local features (before training)."""
+        local = self.local_features(images)
+        self.vlad.init_centroids(local.permute(0, 2, 3, 1).reshape(-1, local.shape[1]), seed=seed)
+
     def global_descriptor(self, local: torch.Tensor) -> torch.Tensor:
         desc = self.vlad(local)
         if self.projection is not None:

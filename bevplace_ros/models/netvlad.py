@@ -36,6 +36,23 @@ class NetVLAD(nn.Module):
             self.centroids.copy_(centroids)
         self._tie_assignment_to_centroids()
 
+    @torch.no_grad()
+    def init_centroids(self, features: torch.Tensor, iterations: int = 20, seed: int = 0) -> None:
+        """Spherical k-means of sampled local features (N, D): the usual NetVLAD start, without
+        which random centroids put almost every feature in one cluster."""
+        x = F.normalize(features.float(), dim=1)
+        if len(x) < self.clusters:
+            raise ValueError(f"need at least {self.clusters} features to seed {self.clusters} clusters, got {len(x)}")
+        gen = torch.Generator().manual_seed(seed)
+        c = x[torch.randperm(len(x), generator=gen)[: self.clusters].to(x.device)]
+        for _ in range(iterations):
+            assign = (x @ c.T).argmax(dim=1)
+            sums = torch.zeros_like(c).index_add_(0, assign, x)
+            counts = torch.bincount(assign, minlength=self.clusters)[:, None]
+            c = torch.where(counts > 0, sums / counts.clamp(min=1), c)
+        self.centroids.copy_(c)
+        self._tie_assignment_to_centroids()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, D, h, w) -> (B, K*D), intra-normalised then L2-normalised."""
         x = F.normalize(x, dim=1)

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+ODOM_BURST = 100  # lock-step replay waits for delivery after this many odometry messages (QoS depth 200)
 OUTPUT_TOPICS = {
     "keyframes": "bevplace_ros/msg/Keyframe",
     "loop_candidates": "bevplace_ros/msg/LoopCandidate",
@@ -38,6 +39,9 @@ class ReplayOptions:
     in_process: bool = True
     settle_s: float = 15.0  # external mode: quiet time that ends the run
     max_scans: int = 0  # 0: all
+    skip_scans: int = 0  # start after this many scans (odometry is still replayed from the start)
+    load_map: Path | None = None  # folder written by save_map: the nodes continue that map
+    save_map: Path | None = None  # folder for the nodes' state at the end
     overrides: tuple[str, ...] = ()  # extra "name:=value" parameters for every node
     progress: bool = True
 
@@ -53,6 +57,7 @@ class ReplayRun:
     optimized: dict[int, np.ndarray] = field(default_factory=dict)  # T_map_sensor from the last path
     scans_published: int = 0
     latency_ms: dict[str, list[float]] = field(default_factory=dict)
+    graph_loops: set[tuple[int, int]] | None = None  # (query, match) the pose graph accepted; in-process only
     wall_s: float = 0.0
 
 
@@ -85,6 +90,7 @@ def replay(options: ReplayOptions) -> ReplayRun:
         _play(bag, player, nodes, recorder, options, run, spinner)
         run.wall_s = time.perf_counter() - start
         if nodes:
+            run.graph_loops = {(loop.query_key, loop.match_key) for loop in nodes[2].graph.loops()}
             run.latency_ms = {"place_recognition": list(nodes[0].latency_ms), "registration": [c[4] for c in run.closures],
                               "pose_graph": list(nodes[2].latency_ms)}
     finally:
@@ -134,13 +140,21 @@ def _play(bag, player, nodes, recorder, options: ReplayOptions, run: ReplayRun, 
     subscribers = [points, odom] if not nodes else [points]
     _wait(lambda: all(p.get_subscription_count() > 0 for p in subscribers), 30.0, "nodes to subscribe to the bag topics", spinner)
     _wait(recorder.connected, 30.0, "the recorder to match the nodes' publishers", spinner)
-    total = min(bag.scan_count, options.max_scans or bag.scan_count)
+    if options.load_map:
+        _call_map_services(player, "load", options.load_map, spinner)
+    available = max(bag.scan_count - options.skip_scans, 0)
+    total = min(available, options.max_scans or available)
+    seen = 0
     progress = _progress(total, options.progress)
     odom_sent = 0
     wall0, bag0 = time.perf_counter(), None
     for kind, stamp_ns, raw in bag.messages_lidar_after_odometry():
-        if kind == "points" and run.scans_published >= total:
-            break
+        if kind == "points":
+            seen += 1
+            if seen <= options.skip_scans:
+                continue
+            if run.scans_published >= total:
+                break
         if options.rate > 0:
             bag0 = stamp_ns if bag0 is None else bag0
             delay = (stamp_ns - bag0) * 1e-9 / options.rate - (time.perf_counter() - wall0)
@@ -149,6 +163,8 @@ def _play(bag, player, nodes, recorder, options: ReplayOptions, run: ReplayRun, 
         if kind == "odom":
             odom.publish(raw)
             odom_sent += 1
+            if nodes and options.rate <= 0 and odom_sent % ODOM_BURST == 0:  # stay inside the QoS history depth
+                _wait(lambda: nodes[0].odometry_received >= odom_sent, 30.0, "odometry to reach place_recognition_node", spinner)
             continue
         if nodes and options.rate <= 0:
             _wait(lambda: nodes[0].odometry_received >= odom_sent, 30.0, "odometry to reach place_recognition_node", spinner)
@@ -163,6 +179,30 @@ def _play(bag, player, nodes, recorder, options: ReplayOptions, run: ReplayRun, 
     else:
         recorder.wait_quiet(options.settle_s)
     progress(None)
+    if options.save_map:
+        _call_map_services(player, "save", options.save_map, spinner)
+
+
+# (node, service suffix, file) of each node's state in a map folder
+MAP_FILES = (("place_recognition_node", "map", "place_map.npz"), ("registration_node", "keyframes", "keyframes.npz"),
+             ("pose_graph_node", "graph", "graph.npz"))
+
+
+def _call_map_services(player, verb: str, folder: Path, spinner: "_Spinner") -> None:
+    """Save or load every node's state through its services, over the middleware like any client."""
+    from bevplace_ros.srv import LoadMap, SaveMap
+
+    srv_type = SaveMap if verb == "save" else LoadMap
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    for node, suffix, filename in MAP_FILES:
+        client = player.create_client(srv_type, f"/{node}/{verb}_{suffix}")
+        _wait(lambda: client.service_is_ready(), 30.0, f"service /{node}/{verb}_{suffix}", spinner)
+        future = client.call_async(srv_type.Request(path=str(Path(folder) / filename)))
+        _wait(future.done, 120.0, f"/{node}/{verb}_{suffix} to answer", spinner)
+        response = future.result()
+        player.destroy_client(client)
+        if not response.success:
+            raise RuntimeError(f"/{node}/{verb}_{suffix}: {response.message}")
 
 
 def _settled(nodes, recorder) -> bool:

@@ -64,6 +64,9 @@ PARAMS = [
     ParamSpec("min_points", 500, "Scans with fewer finite points are skipped with a warning.", 1, 10_000_000),
     ParamSpec("odom_max_gap", 0.5, "Largest stamp gap to interpolate odometry across [s].", 0.001, 60.0, runtime=False),
     ParamSpec("base_to_sensor", [0.0] * 6, "LiDAR pose in the odometry child frame: x y z [m] roll pitch yaw [rad].", runtime=False),
+    ParamSpec("pose_source", "odom", "Where keyframe poses come from: the odometry topic, or TF (odom_frame -> scan frame; needs tf2_ros).",
+              choices=("odom", "tf"), runtime=False),
+    ParamSpec("odom_frame", "odom", "Odometry frame for pose_source 'tf'.", runtime=False),
     ParamSpec("sensor_frame", "", "Expected frame of the scans; empty accepts the first one seen and then only that.", runtime=False),
     ParamSpec("map_file", "bevplace_place_map.npz", "Default file for the save/load services."),
 ]
@@ -98,9 +101,35 @@ class PlaceRecognitionNode(Node):
         self.candidate_pub = self.create_publisher(LoopCandidate, "loop_candidates", reliable)
         self.worker = LatestWorker(self._process, self._worker_error, "place_recognition")
         self.create_subscription(PointCloud2, "points", self._on_cloud, qos_profile_sensor_data)
+        self._tf_buffer = self._tf_listener() if p["pose_source"] == "tf" else None
         self.create_subscription(Odometry, "odom", self._on_odometry, QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE))
         self.create_service(SaveMap, "~/save_map", self._save)
         self.create_service(LoadMap, "~/load_map", self._load)
+
+    def _tf_listener(self):
+        try:
+            from tf2_ros import Buffer, TransformListener
+        except ImportError:
+            raise ValueError("pose_source 'tf' needs tf2_ros, which comes with a ROS 2 install; use pose_source 'odom'") from None
+        buffer = Buffer()
+        self._tf_listener_handle = TransformListener(buffer, self)
+        return buffer
+
+    def _sensor_pose(self, msg: PointCloud2, stamp_ns: int) -> np.ndarray:
+        """T_odom_sensor at the scan's stamp, from the odometry topic (with the mount) or from TF."""
+        if self._tf_buffer is None:
+            with self._odom_lock:
+                return self.odometry.lookup(stamp_ns * 1e-9) @ self.T_base_sensor
+        from rclpy.time import Time
+        from tf2_ros import TransformException
+
+        try:
+            tf = self._tf_buffer.lookup_transform(self.params["odom_frame"], msg.header.frame_id, Time(nanoseconds=stamp_ns))
+        except TransformException as err:
+            raise OdometryLookupError(f"TF {self.params['odom_frame']} -> {msg.header.frame_id}: {err}") from None
+        t, q = tf.transform.translation, tf.transform.rotation
+        self._odom_frame = self.params["odom_frame"]
+        return make_transform(Rotation.from_quat([q.x, q.y, q.z, q.w]).as_matrix(), np.array([t.x, t.y, t.z]))
 
     def idle(self) -> bool:
         return self.worker.idle()
@@ -163,13 +192,11 @@ class PlaceRecognitionNode(Node):
         if len(points) < self.params["min_points"]:
             return self._skip("too few points", f"{len(points)} finite points, min_points={self.params['min_points']}")
         try:
-            with self._odom_lock:
-                T_odom_base = self.odometry.lookup(stamp_ns * 1e-9)
+            T_odom_sensor = self._sensor_pose(msg, stamp_ns)
         except OdometryLookupError as err:
             return self._skip("no odometry", str(err))
         self._sensor_frame = self._sensor_frame or msg.header.frame_id
         self._last_stamp_ns = stamp_ns
-        T_odom_sensor = T_odom_base @ self.T_base_sensor
         if not self.selector.accept(stamp_ns * 1e-9, T_odom_sensor):
             return None
         start = time.perf_counter()

@@ -12,12 +12,15 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
 from bevplace_ros.atomic_io import atomic_write
 from bevplace_ros.bev import BEVConfig, make_bev
+
+if TYPE_CHECKING:
+    from bevplace_ros.datasets.frames import Frame
 
 DEFAULT_CACHE_DIR = Path(".cache") / "place"
 _SPEC = re.compile(r"^(?P<path>.+?)(?:@(?P<start>\d*):(?P<end>\d*))?$")
@@ -79,7 +82,7 @@ class PlaceSequence:
         return self.images[indices].astype(np.float32) / 255.0
 
 
-def _cache_key(spec: SequenceSpec, bev: BEVConfig) -> str:
+def sequence_cache_key(spec: SequenceSpec, bev: BEVConfig = BEVConfig()) -> str:
     """Changes whenever the source files, the frame range or the rasterisation changes."""
     root = spec.path.resolve()
     stamp = max((p.stat().st_mtime_ns for p in (root, *root.iterdir())), default=0) if root.is_dir() else root.stat().st_mtime_ns
@@ -95,25 +98,31 @@ def cached_arrays(cache_dir: Path, key: str, names: tuple[str, ...], compute: Ca
         return tuple(np.load(p) for p in paths)
     arrays = compute()
     for path, array in zip(paths, arrays):
-        atomic_write(path, lambda tmp, a=array: _save_npy(tmp, a))
+        atomic_write(path, lambda tmp, a=array: save_npy(tmp, a))
     return arrays
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with path.open("wb") as handle:  # a file object: np.save(path) would append ".npy" to the temp name
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """For atomic_write: np.save given a path would append ".npy" to the temporary name."""
+    with path.open("wb") as handle:
         np.save(handle, array)
 
 
-def _render_frames(spec: SequenceSpec, bev: BEVConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rasterise every frame with ground truth from a rosbag2 / KITTI folder (raw scans)."""
+def frames_in_range(spec: SequenceSpec) -> Iterator["Frame"]:
+    """Frames [start, end) of a rosbag2 / KITTI folder, in data-set order."""
     from bevplace_ros.datasets.frames import open_dataset
 
-    images, poses, ids = [], [], []
     for position, frame in enumerate(open_dataset(spec.path)):
-        if position < spec.start:
-            continue
-        if spec.end is not None and position >= spec.end:
-            break
+        if position >= spec.start:
+            if spec.end is not None and position >= spec.end:
+                return
+            yield frame
+
+
+def _render_frames(spec: SequenceSpec, bev: BEVConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rasterise every frame of a rosbag2 / KITTI folder; each must carry a ground-truth pose."""
+    images, poses, ids = [], [], []
+    for frame in frames_in_range(spec):
         if frame.gt_pose is None:
             raise PlaceDataError(f"{spec.path}: frame {frame.index} has no ground-truth pose; place training and evaluation need one per frame")
         images.append(np.round(make_bev(frame.points, bev) * 255.0).astype(np.uint8))
@@ -122,6 +131,26 @@ def _render_frames(spec: SequenceSpec, bev: BEVConfig) -> tuple[np.ndarray, np.n
     if not images:
         raise PlaceDataError(f"{spec}: no frames in the requested range")
     return np.stack(images), np.stack(poses).astype(np.float64), np.asarray(ids, dtype=np.int64)
+
+
+def iter_bev_images(spec: SequenceSpec, bev: BEVConfig = BEVConfig()) -> Iterator[np.ndarray]:
+    """(H, W) float32 BEV of every frame in range, ground truth or not (what `embed` needs)."""
+    from bevplace_ros.datasets.bev_images import BEVImageFolder
+    from bevplace_ros.datasets.frames import DatasetError, dataset_kind
+
+    try:
+        kind = dataset_kind(spec.path)
+    except DatasetError as err:
+        raise PlaceDataError(str(err)) from None
+    if kind != "bev_images":
+        yield from (make_bev(frame.points, bev) for frame in frames_in_range(spec))
+        return
+    folder = BEVImageFolder(spec.path)
+    for i in range(spec.start, len(folder) if spec.end is None else min(spec.end, len(folder))):
+        image = folder.image(i)
+        if image.shape != (bev.size, bev.size):
+            raise PlaceDataError(f"{spec.path}: images are {image.shape}, this BEVConfig makes {bev.size}x{bev.size}")
+        yield image
 
 
 def _read_bev_folder(spec: SequenceSpec, bev: BEVConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -149,5 +178,5 @@ def load_sequence(spec: SequenceSpec | str, bev: BEVConfig = BEVConfig(), cache_
     except DatasetError as err:
         raise PlaceDataError(str(err)) from None
     render = _read_bev_folder if kind == "bev_images" else _render_frames
-    images, poses, ids = cached_arrays(cache_dir, _cache_key(spec, bev), ("images", "poses", "frame_ids"), lambda: render(spec, bev))
+    images, poses, ids = cached_arrays(cache_dir, sequence_cache_key(spec, bev), ("images", "poses", "frame_ids"), lambda: render(spec, bev))
     return PlaceSequence(str(spec), images, poses, ids)

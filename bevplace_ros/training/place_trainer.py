@@ -243,7 +243,7 @@ def train_place(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
         recall = validate(model, val, cfg, device) if val else None
         history.append(EpochReport(epoch, float(np.mean(losses)) if losses else float("nan"), len(tuples), recall, time.perf_counter() - t0))

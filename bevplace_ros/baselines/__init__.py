@@ -1,0 +1,1 @@
+"""Reference place-recognition methods that every learned figure is compared against."""

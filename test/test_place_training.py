@@ -1,0 +1,165 @@
+"""Place training: data specs and cache, mining, losses, augmentation, and a tiny deterministic
+train / resume run with real torch and faiss. Also the shipped weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bevplace_ros.bev import BEVConfig
+from bevplace_ros.models.checkpoint import DEFAULT_PLACE_WEIGHTS, CheckpointError, load_checkpoint
+from bevplace_ros.training.losses import quadruplet_loss, triplet_loss
+from bevplace_ros.training.mining import MiningConfig, PlaceGraph, mine_tuples
+from bevplace_ros.training.place_dataset import PlaceDataError, PlaceSequence, SequenceSpec, load_sequence
+from bevplace_ros.training.place_trainer import AugmentConfig, PlaceTrainConfig, augment, train_place
+
+
+def test_sequence_spec_parsing():
+    spec = SequenceSpec.parse("data/kitti_bev/00@0:3000")
+    assert (spec.path, spec.start, spec.end) == (Path("data/kitti_bev/00"), 0, 3000)
+    assert SequenceSpec.parse("x@5:").end is None and SequenceSpec.parse("x").start == 0
+    with pytest.raises(PlaceDataError, match="END"):
+        SequenceSpec.parse("x@5:3")
+
+
+def _kitti_folder(root: Path, rng: np.random.Generator, with_poses: bool = True) -> Path:
+    (root / "velodyne").mkdir(parents=True)
+    poses = []
+    for i in range(6):
+        pts = np.column_stack([rng.uniform(-20, 20, (500, 2)), rng.uniform(-1.4, 0.9, 500), np.ones(500)]).astype(np.float32)
+        pts.tofile(root / "velodyne" / f"{i:06d}.bin")
+        poses.append([1, 0, 0, 2.0 * i, 0, 1, 0, 0, 0, 0, 1, 0])
+    if with_poses:
+        np.savetxt(root / "poses.txt", np.array(poses))
+    return root
+
+
+def test_load_sequence_renders_once_and_reads_the_cache(tmp_path, rng):
+    data = _kitti_folder(tmp_path / "seq", rng)
+    first = load_sequence(f"{data}@1:5", cache_dir=tmp_path / "cache")
+    assert first.images.dtype == np.uint8 and first.images.shape == (4, 151, 151)
+    np.testing.assert_array_equal(first.frame_ids, [1, 2, 3, 4])
+    np.testing.assert_allclose(first.positions[:, 0], [2, 4, 6, 8])
+    assert len(list((tmp_path / "cache").glob("*/images.npy"))) == 1
+    for scan in (data / "velodyne").glob("*.bin"):  # emptied in place: the cache must answer, not the scans
+        scan.write_bytes(b"")
+    cached = load_sequence(f"{data}@1:5", cache_dir=tmp_path / "cache")
+    np.testing.assert_array_equal(cached.images, first.images)
+    import os
+
+    os.utime(data / "poses.txt", ns=(0, 10**18))  # a changed data set is rendered again
+    assert load_sequence(f"{data}@1:5", cache_dir=tmp_path / "cache").images.max() == 0
+
+
+def test_load_sequence_needs_ground_truth(tmp_path, rng):
+    data = _kitti_folder(tmp_path / "seq", rng, with_poses=False)
+    with pytest.raises(PlaceDataError, match="ground-truth"):
+        load_sequence(str(data), cache_dir=tmp_path / "cache")
+    with pytest.raises(PlaceDataError, match="not a rosbag2"):
+        load_sequence(str(tmp_path), cache_dir=tmp_path / "cache")
+
+
+def test_bev_folder_round_trip_is_exact(tmp_path, shared_data):
+    seq = load_sequence(f"{shared_data / 'kitti_bev' / '06'}@0:5", cache_dir=tmp_path)
+    import cv2
+
+    png = cv2.imread(str(shared_data / "kitti_bev" / "06" / "imgs" / "000003.png"), cv2.IMREAD_GRAYSCALE)
+    np.testing.assert_array_equal(seq.images[3], png)
+    assert seq.images.shape == (5, BEVConfig().size, BEVConfig().size)
+
+
+def test_place_graph_and_hard_negative_mining(rng):
+    cfg = MiningConfig(pos_radius_m=5, neg_radius_m=25, negatives=2, queries_per_epoch=4, pool_size=10)
+    positions = np.column_stack([np.arange(0, 100, 3.0), np.zeros(34), np.zeros(34)])
+    positions = np.concatenate([positions, positions[:5]])  # a second sequence at the same coordinates
+    seq_ids = np.r_[np.zeros(34, int), np.ones(5, int)]
+    graph = PlaceGraph(positions, seq_ids, cfg)
+    np.testing.assert_array_equal(np.sort(graph.positives(10)), [9, 11])
+    mask = graph.negative_mask(np.array([0]), np.array([1, 9, 34]))
+    np.testing.assert_array_equal(mask[0], [False, True, True])  # 34: same coordinates, other world
+    pool = np.array([1, 2, 20, 25, 30, 34])
+    desc = rng.normal(size=(len(pool), 8))
+    query_desc = desc[[3]] + 0.01  # closest to frame 25 in descriptor space, then whatever is next
+    tuples = mine_tuples(graph, np.array([0]), pool, query_desc, desc, rng)
+    assert len(tuples) == 1
+    t = tuples[0]
+    assert t.negatives[0] == 25 and t.positive == 1
+    assert set(t.negatives) <= {20, 25, 30, 34} and t.other not in (1, 2, 25)
+    with pytest.raises(ValueError, match="pos_radius_m"):
+        MiningConfig(pos_radius_m=30, neg_radius_m=25)
+
+
+def test_losses_vanish_only_when_the_margin_is_met():
+    q = torch.tensor([[1.0, 0.0]])
+    p = torch.tensor([[0.99, 0.14]])
+    far, near = torch.tensor([[[-1.0, 0.0]]]), torch.tensor([[[0.95, 0.31]]])
+    assert float(triplet_loss(q, p, far, margin=0.3)) == 0.0
+    assert float(triplet_loss(q, p, near, margin=0.3)) > 0.0
+    other = torch.tensor([[0.9, 0.44]])  # close to the negative: the second quadruplet term fires
+    assert float(quadruplet_loss(q, p, far, -far[:, 0], 0.3, 0.15)) == 0.0
+    assert float(quadruplet_loss(q, p, near, other, 0.3, 0.15)) > float(triplet_loss(q, p, near, 0.3))
+
+
+def test_augmentation_identity_and_half_turn(rng):
+    images = torch.from_numpy(rng.random((3, 1, 31, 31)).astype(np.float32))
+    generator = torch.Generator().manual_seed(0)
+    same = augment(images, AugmentConfig(max_yaw_deg=0, max_shift_m=0), generator)
+    torch.testing.assert_close(same, images, atol=1e-5, rtol=0)
+    moved = augment(images, AugmentConfig(max_yaw_deg=180, max_shift_m=2), generator)
+    assert moved.shape == images.shape and not torch.allclose(moved, images)
+
+
+def _toy_sequences(rng: np.random.Generator) -> tuple[list[PlaceSequence], list[PlaceSequence]]:
+    """Two small 'drives' of 24x24 images whose content changes with position."""
+
+    def drive(name: str, seed: int, n: int, loop: bool) -> PlaceSequence:
+        r = np.random.default_rng(seed)
+        strip = (r.random((24, 24 + 2 * n)) > 0.9).astype(np.uint8) * 255
+        k = np.r_[np.arange(n // 2), np.arange(n - n // 2)] if loop else np.arange(n)
+        poses = np.tile(np.eye(4), (n, 1, 1))
+        poses[:, 0, 3] = 2.0 * k
+        return PlaceSequence(name, np.stack([strip[:, 2 * i : 2 * i + 24] for i in k]), poses, np.arange(n))
+
+    return [drive("a", 1, 30, False), drive("b", 2, 24, False)], [drive("v", 3, 24, True)]
+
+
+def test_tiny_training_is_deterministic_and_resumes(tmp_path, rng):
+    train, val = _toy_sequences(rng)
+    mining = MiningConfig(negatives=2, queries_per_epoch=4, pool_size=24)
+    cfg = PlaceTrainConfig(epochs=2, batch_tuples=2, clusters=4, kmeans_images=8, eval_rotations=2, val_rotations=1, val_exclude_recent=4,
+                           encode_batch=8, device="cpu", mining=mining)
+    full, history = train_place(train, val, cfg, tmp_path / "full", progress=lambda m: None)
+    assert [h.epoch for h in history] == [1, 2]
+    assert all(0 < h.tuples <= 4 and np.isfinite(h.loss) and h.val_recall_at_1 is not None for h in history)
+    assert (tmp_path / "full" / "epoch_002.pt").is_file()
+    assert full.cfg.rotations == 2  # inference default stored, not the training rotation count
+
+    from dataclasses import replace
+
+    train_place(train, val, replace(cfg, epochs=1), tmp_path / "split", progress=lambda m: None)
+    resumed, history2 = train_place(train, val, cfg, tmp_path / "split", resume=True, progress=lambda m: None)
+    assert [h.epoch for h in history2] == [1, 2]
+    a = load_checkpoint(tmp_path / "full" / "epoch_002.pt").state_dict()
+    b = load_checkpoint(tmp_path / "split" / "epoch_002.pt").state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=f"resume diverged at {key}")
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="PlaceTrainConfig.loss"):
+        PlaceTrainConfig(loss="contrastive")
+    with pytest.raises(ValueError, match="AugmentConfig.max_yaw_deg"):
+        AugmentConfig(max_yaw_deg=270)
+
+
+def test_shipped_weights_load_and_a_damaged_copy_fails_clearly(tmp_path):
+    model = load_checkpoint(DEFAULT_PLACE_WEIGHTS)
+    assert model.descriptor_dim == 8192 and model.cfg.rotations == 8
+    assert DEFAULT_PLACE_WEIGHTS.stat().st_size < 20e6
+    damaged = tmp_path / "cut.pt"
+    damaged.write_bytes(DEFAULT_PLACE_WEIGHTS.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint(damaged)
