@@ -108,6 +108,8 @@ def _to_image(counts_xy: np.ndarray, margin: int, cfg: BEVConfig) -> np.ndarray:
     return (np.minimum(img, cfg.max_count) / cfg.max_count).astype(np.float32)
 
 
-def bev_from_uint8(image: np.ndarray) -> np.ndarray:
-    """A published BEVPlace PNG (count x 25.5) as the float image make_bev returns."""
-    return (np.asarray(image, dtype=np.float32) / 255.0).astype(np.float32)
+def bev_from_uint8(image: np.ndarray, max_count: int = 10) -> np.ndarray:
+    """A published BEVPlace PNG (round(count * 255 / max_count)) on the exact scale of make_bev;
+    undoing the rounding matters: 26/255 is not 1/10."""
+    counts = np.round(np.asarray(image, dtype=np.float32) * (max_count / 255.0))
+    return (counts / max_count).astype(np.float32)

@@ -83,7 +83,7 @@ def sample_descriptors(local: np.ndarray | torch.Tensor, rows_cols: np.ndarray, 
     h, w = feats.shape[-2:]
     grid = torch.stack([2 * fc[:, 1] / (w - 1) - 1, 2 * fc[:, 0] / (h - 1) - 1], dim=-1)
     sampled = F.grid_sample(feats[None], grid[None, None], mode="bilinear", align_corners=True)[0, :, 0].T
-    return F.normalize(sampled, dim=1).numpy()
+    return np.ascontiguousarray(F.normalize(sampled, dim=1).numpy())
 
 
 def extract_keypoints(bev: np.ndarray, local: np.ndarray | torch.Tensor, bev_cfg: BEVConfig, cfg: BEVPoseConfig) -> BEVKeypoints:
@@ -95,7 +95,7 @@ def mutual_matches(desc_a: np.ndarray, desc_b: np.ndarray) -> np.ndarray:
     """(M, 2) index pairs that are each other's nearest neighbour by cosine similarity."""
     if len(desc_a) == 0 or len(desc_b) == 0:
         return np.zeros((0, 2), dtype=np.int64)
-    sim = desc_a @ desc_b.T
+    sim = (torch.from_numpy(desc_a) @ torch.from_numpy(desc_b).T).numpy()  # torch's pool: numpy's BLAS threads wake slowly
     best_b = sim.argmax(axis=1)
     best_a = sim.argmax(axis=0)
     ia = np.flatnonzero(best_a[best_b] == np.arange(len(desc_a)))
@@ -119,10 +119,13 @@ def ransac_rigid_2d(src: np.ndarray, dst: np.ndarray, cfg: BEVPoseConfig) -> np.
     j = (i + rng.integers(1, m, cfg.ransac_hypotheses)) % m  # j != i
     vs, vd = src[j] - src[i], dst[j] - dst[i]
     yaw = np.arctan2(vd[:, 1], vd[:, 0]) - np.arctan2(vs[:, 1], vs[:, 0])
-    c, s = np.cos(yaw), np.sin(yaw)
-    R = np.stack([np.stack([c, -s], -1), np.stack([s, c], -1)], -2)  # (H, 2, 2)
-    t = dst[i] - np.einsum("hab,hb->ha", R, src[i])
-    residual = np.linalg.norm(np.einsum("hab,mb->hma", R, src) + t[:, None] - dst[None], axis=2)
+    cos, sin = np.cos(yaw), np.sin(yaw)
+    tx = dst[i, 0] - (cos * src[i, 0] - sin * src[i, 1])
+    ty = dst[i, 1] - (sin * src[i, 0] + cos * src[i, 1])
+    c, s, tx, ty = (v[:, None] for v in (cos, sin, tx, ty))  # (H, 1) against (M,) -> (H, M)
+    rx = c * src[:, 0] - s * src[:, 1] + tx - dst[:, 0]
+    ry = s * src[:, 0] + c * src[:, 1] + ty - dst[:, 1]
+    residual = np.hypot(rx, ry)
     rigid = np.abs(np.linalg.norm(vs, axis=1) - np.linalg.norm(vd, axis=1)) < cfg.inlier_threshold_m
     scores = np.where(rigid, (residual < cfg.inlier_threshold_m).sum(axis=1), -1)
     return residual[int(np.argmax(scores))] < cfg.inlier_threshold_m

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 

@@ -37,8 +37,8 @@ def run(args: argparse.Namespace) -> int:
     scans = [np.fromfile(args.kitti / f"{i:06d}.bin", dtype=np.float32).reshape(-1, 4) for i in (0, 5, 15)]
     report: dict = {"device": args.device, "torch_threads": args.threads, "cpu_count": os.cpu_count()}
     for name, use_network in (("roitr_lite", True), ("fpfh_ransac", False)):
-        cfg = RegistrationConfig(use_network=use_network, device=args.device, torch_threads=args.threads,
-                                 **({"weights": args.weights} if args.weights else {}))
+        cfg = RegistrationConfig(use_network=use_network, classical_fallback=False, device=args.device,
+                                 torch_threads=args.threads, **({"weights": args.weights} if args.weights else {}))
         registrar = Registrar(cfg)
         stages: dict[str, list[float]] = {}
         for rep in range(args.repeats + 1):  # the first round warms caches and is dropped

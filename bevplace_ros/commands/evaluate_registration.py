@@ -39,7 +39,8 @@ def _methods(weights: str | None) -> dict:
     from bevplace_ros.registration.verification import VerificationConfig
 
     open_gate = VerificationConfig(min_fitness=0.0)  # the threshold is calibrated here, not assumed
-    net_cfg = RegistrationConfig(verification=open_gate, **({"weights": weights} if weights else {}))
+    net_cfg = RegistrationConfig(verification=open_gate, classical_fallback=False,  # the network alone
+                                 **({"weights": weights} if weights else {}))
     net = Registrar(net_cfg)
     fpfh = Registrar(RegistrationConfig(use_network=False, verification=open_gate))
     refine = net_cfg.refine
@@ -80,8 +81,15 @@ def _kitti(root: Path, methods, net, yaws: int, gate: float) -> dict:
     import numpy as np
 
     from bevplace_ros.registration.refine import gicp_refine
-    from bevplace_ros.se3 import (invert, load_kitti_poses, make_transform, random_rotation, rotation_error_deg,
-                                  transform_points, translation_error)
+    from bevplace_ros.se3 import (
+        invert,
+        load_kitti_poses,
+        make_transform,
+        random_rotation,
+        rotation_error_deg,
+        transform_points,
+        translation_error,
+    )
 
     poses = load_kitti_poses(str(root / "poses.txt"))
     scans = [np.fromfile(root / f"{i:06d}.bin", dtype=np.float32).reshape(-1, 4) for i in (0, 5, 15)]

@@ -21,6 +21,7 @@ from bevplace_ros.keyframe_selector import KeyframeSelector, KeyframeSelectorCon
 from bevplace_ros.loop_detector import Candidate, DetectedKeyframe, LoopDetectorConfig
 from bevplace_ros.msg import Keyframe, LoopCandidate
 from bevplace_ros.nodes.conversions import ns_to_stamp, pose_to_matrix, pose_with_covariance, stamp_to_ns, xyzi_cloud
+from bevplace_ros.nodes.map_services import serve_save_load
 from bevplace_ros.nodes.parameters import ParamSpec, config_from_params, declare_parameters, specs_from_config, updated_config
 from bevplace_ros.nodes.worker import LatestWorker
 from bevplace_ros.odometry_buffer import OdometryBuffer, OdometryLookupError
@@ -28,7 +29,6 @@ from bevplace_ros.place_map import PlaceMap, PlaceMapConfig, PlaceMapError
 from bevplace_ros.pointcloud2 import PointCloud2Error, xyz_intensity
 from bevplace_ros.registration.preprocess import voxel_representatives
 from bevplace_ros.se3 import make_transform
-from bevplace_ros.srv import LoadMap, SaveMap
 
 PARAMS = [
     *specs_from_config(BEVConfig, "bev.", {
@@ -103,8 +103,7 @@ class PlaceRecognitionNode(Node):
         self.create_subscription(PointCloud2, "points", self._on_cloud, qos_profile_sensor_data)
         self._tf_buffer = self._tf_listener() if p["pose_source"] == "tf" else None
         self.create_subscription(Odometry, "odom", self._on_odometry, QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE))
-        self.create_service(SaveMap, "~/save_map", self._save)
-        self.create_service(LoadMap, "~/load_map", self._load)
+        serve_save_load(self, "map", lambda: self.params["map_file"], self._save_map, self._load_map, (PlaceMapError,))
 
     def _tf_listener(self):
         try:
@@ -135,7 +134,8 @@ class PlaceRecognitionNode(Node):
         return self.worker.idle()
 
     def destroy_node(self) -> None:
-        self.worker.stop()
+        if hasattr(self, "worker"):  # absent when the constructor failed (bad parameter, missing weights)
+            self.worker.stop()
         super().destroy_node()
 
     def _on_change(self, values: dict[str, Any]) -> str | None:
@@ -227,26 +227,13 @@ class PlaceRecognitionNode(Node):
             msg.bev_x, msg.bev_y, msg.bev_yaw, msg.bev_inliers = float(c.bev.x), float(c.bev.y), float(c.bev.yaw), int(c.bev.inliers)
         return msg
 
-    def _save(self, request: SaveMap.Request, response: SaveMap.Response) -> SaveMap.Response:
-        path = request.path or self.params["map_file"]
-        try:
-            self.map.save(path)
-        except (OSError, PlaceMapError) as err:
-            response.success, response.message = False, f"save failed: {err}"
-            return response
-        response.success, response.path = True, str(path)
-        response.message = f"saved {self.map.size} keyframes"
-        return response
+    def _save_map(self, path: str) -> str:
+        self.map.save(path)
+        return f"saved {self.map.size} keyframes"
 
-    def _load(self, request: LoadMap.Request, response: LoadMap.Response) -> LoadMap.Response:
-        path = request.path or self.params["map_file"]
-        try:
-            self.map.load(path)
-        except PlaceMapError as err:
-            response.success, response.message = False, f"kept the current map; {err}"
-            return response
-        response.success, response.message = True, f"loaded {self.map.size} keyframes; new keyframes continue from id {self.map.detector.next_id()}"
-        return response
+    def _load_map(self, path: str) -> str:
+        self.map.load(path)
+        return f"loaded {self.map.size} keyframes; new keyframes continue from id {self.map.detector.next_id()}"
 
 
 def main(args: list[str] | None = None) -> int:

@@ -7,7 +7,6 @@ from collections import deque
 from typing import Any
 
 import numpy as np
-import rclpy
 from geometry_msgs.msg import Point, PoseStamped, TransformStamped
 from nav_msgs.msg import Path
 from rclpy.node import Node
@@ -17,9 +16,9 @@ from visualization_msgs.msg import Marker, MarkerArray
 
 from bevplace_ros.msg import Keyframe, LoopClosure
 from bevplace_ros.nodes.conversions import matrix_to_pose, ns_to_stamp, pose_to_matrix, stamp_to_sec
+from bevplace_ros.nodes.map_services import serve_save_load
 from bevplace_ros.nodes.parameters import ParamSpec, config_from_params, declare_parameters, specs_from_config
 from bevplace_ros.pose_graph import LOOP_KERNELS, PoseGraph, PoseGraphConfig, PoseGraphError
-from bevplace_ros.srv import LoadMap, SaveMap
 
 PREFIX = "graph."
 GRAPH_DOCS = {
@@ -65,8 +64,7 @@ class PoseGraphNode(Node):
         self.tf_pub, self._tf_message = self._tf_publisher() if self.params["publish_tf"] else (None, None)
         self.create_subscription(Keyframe, "keyframes", self._on_keyframe, reliable)
         self.create_subscription(LoopClosure, "loop_closures", self._on_loop, reliable)
-        self.create_service(SaveMap, "~/save_graph", self._save)
-        self.create_service(LoadMap, "~/load_graph", self._load)
+        serve_save_load(self, "graph", lambda: self.params["graph_file"], self._save_graph, self._load_graph, (PoseGraphError,))
 
     def _tf_publisher(self):
         try:
@@ -154,28 +152,13 @@ class PoseGraphNode(Node):
                 marker.points.append(Point(x=float(x), y=float(y), z=float(z)))
         return MarkerArray(markers=[marker])
 
-    def _save(self, request: SaveMap.Request, response: SaveMap.Response) -> SaveMap.Response:
-        path = request.path or self.params["graph_file"]
-        try:
-            self.graph.save(path)
-        except (OSError, PoseGraphError) as err:
-            response.success, response.message = False, f"save failed: {err}"
-            return response
-        response.success, response.path = True, str(path)
-        response.message = f"saved {len(self.graph.keys)} keyframes, {len(self.graph.loops())} loops"
-        return response
+    def _save_graph(self, path: str) -> str:
+        self.graph.save(path)
+        return f"saved {len(self.graph.keys)} keyframes, {len(self.graph.loops())} loops"
 
-    def _load(self, request: LoadMap.Request, response: LoadMap.Response) -> LoadMap.Response:
-        path = request.path or self.params["graph_file"]
-        try:
-            graph = PoseGraph.load(path)
-        except (OSError, PoseGraphError) as err:
-            response.success, response.message = False, f"kept the current graph; load failed: {err}"
-            return response
-        self.graph = graph
-        response.success = True
-        response.message = f"loaded {len(graph.keys)} keyframes, {len(graph.loops())} loops"
-        return response
+    def _load_graph(self, path: str) -> str:
+        self.graph = PoseGraph.load(path)
+        return f"loaded {len(self.graph.keys)} keyframes, {len(self.graph.loops())} loops"
 
 
 def main(args: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ from bevplace_ros.keyframe_store import KeyframeStoreConfig, KeyframeStoreError
 from bevplace_ros.loop_verifier import LoopVerifier, LoopVerifierConfig, UnknownKeyframe
 from bevplace_ros.msg import Keyframe, LoopCandidate, LoopClosure, PoseGraphEdge
 from bevplace_ros.nodes.conversions import matrix_to_pose, pose_with_covariance, stamp_to_sec
+from bevplace_ros.nodes.map_services import serve_save_load
 from bevplace_ros.nodes.parameters import ParamSpec, config_from_params, declare_parameters, specs_from_config, updated_config
 from bevplace_ros.nodes.worker import QueueWorker
 from bevplace_ros.pointcloud2 import PointCloud2Error, xyz_intensity
@@ -22,7 +23,6 @@ from bevplace_ros.registration import RegistrationConfig
 from bevplace_ros.registration.refine import RefineConfig
 from bevplace_ros.registration.verification import VerificationConfig
 from bevplace_ros.se3 import xyyaw_to_matrix
-from bevplace_ros.srv import LoadMap, SaveMap
 
 PARAMS = [
     ParamSpec("registration.weights", RegistrationConfig.weights, "Registration network weights (.pt); default: the shipped file.", runtime=False),
@@ -37,6 +37,13 @@ PARAMS = [
     *specs_from_config(LoopVerifierConfig, "verifier.", {
         "min_bev_inliers": ("BEV RANSAC inliers for the BEV 3-DoF guess to be used as a prior.", 0, 10000),
         "prepared_cache": ("Prepared (voxelised, featurised) clouds kept for reuse.", 1, 1000),
+        "region_sectors": ("Second check: azimuth sectors of the region overlap check.", 1, 64),
+        "region_radius": ("Second check: only query points this close to the sensor count [m].", 1.0, 500.0),
+        "region_distance": ("Second check: a point overlaps when a match point is this close after alignment [m].", 0.01, 10.0),
+        "min_region_fitness": ("Second check: a sector overlaps when this share of its points do.", 0.0, 1.0),
+        "min_region_share": ("Second check: share of populated sectors that must overlap; 0 disables it.", 0.0, 1.0),
+        "bev_max_translation": ("Second check: registration-vs-BEV-guess disagreement allowed [m] (when the guess has min_bev_inliers).", 0.01, 1000.0),
+        "bev_max_yaw_deg": ("Second check: registration-vs-BEV-guess yaw disagreement allowed [deg].", 0.01, 180.0),
     }, runtime=False),
     ParamSpec("verifier.use_bev_prior", LoopVerifierConfig.use_bev_prior, "Hand the BEV 3-DoF guess to the registrar as a prior.", runtime=False),
     *specs_from_config(KeyframeStoreConfig, "store.", {
@@ -78,14 +85,15 @@ class RegistrationNode(Node):
         self.lio_pub = self.create_publisher(Float64MultiArray, "lio_loop/loop_closure_detection", reliable)
         self.create_subscription(Keyframe, "keyframes", self._on_keyframe, reliable)
         self.create_subscription(LoopCandidate, "loop_candidates", self._on_candidate, reliable)
-        self.create_service(SaveMap, "~/save_keyframes", self._save)
-        self.create_service(LoadMap, "~/load_keyframes", self._load)
+        serve_save_load(self, "keyframes", lambda: self.params["keyframes_file"], self._save_keyframes, self._load_keyframes,
+                        (KeyframeStoreError,))
 
     def idle(self) -> bool:
         return self.worker.idle()
 
     def destroy_node(self) -> None:
-        self.worker.stop()
+        if hasattr(self, "worker"):  # absent when the constructor failed (bad parameter, missing weights)
+            self.worker.stop()
         super().destroy_node()
 
     def _on_change(self, values: dict[str, Any]) -> str | None:
@@ -146,26 +154,11 @@ class RegistrationNode(Node):
             pose=matrix_to_pose(T_match_query), covariance=closure.relative_pose.covariance,
         )
 
-    def _save(self, request: SaveMap.Request, response: SaveMap.Response) -> SaveMap.Response:
-        path = request.path or self.params["keyframes_file"]
-        try:
-            count = self.verifier.save(path)
-        except OSError as err:
-            response.success, response.message = False, f"save failed: {err}"
-            return response
-        response.success, response.path = True, str(path)
-        response.message = f"saved {count} keyframe clouds"
-        return response
+    def _save_keyframes(self, path: str) -> str:
+        return f"saved {self.verifier.save(path)} keyframe clouds"
 
-    def _load(self, request: LoadMap.Request, response: LoadMap.Response) -> LoadMap.Response:
-        path = request.path or self.params["keyframes_file"]
-        try:
-            count = self.verifier.load(path)
-        except KeyframeStoreError as err:
-            response.success, response.message = False, f"kept the current keyframes; {err}"
-            return response
-        response.success, response.message = True, f"loaded {count} keyframe clouds"
-        return response
+    def _load_keyframes(self, path: str) -> str:
+        return f"loaded {self.verifier.load(path)} keyframe clouds"
 
 
 def main(args: list[str] | None = None) -> int:

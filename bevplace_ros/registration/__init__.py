@@ -1,7 +1,19 @@
 """RoITr-style rotation-invariant LiDAR registration with GICP refinement, covariance and verification."""
 
-from bevplace_ros.registration.errors import RegistrationCheckpointError, RegistrationInputError
-from bevplace_ros.registration.registrar import Registrar, RegistrationConfig, RegistrationResult
+from bevplace_ros.registration.errors import (
+           RegistrationCheckpointError,
+           RegistrationInputError,
+)
+from bevplace_ros.registration.registrar import (
+           Registrar,
+           RegistrationConfig,
+           RegistrationResult,
+)
 
-__all__ = ["Registrar", "RegistrationConfig", "RegistrationResult", "RegistrationCheckpointError",
-           "RegistrationInputError"]
+__all__ = [
+           "Registrar",
+           "RegistrationCheckpointError",
+           "RegistrationConfig",
+           "RegistrationInputError",
+           "RegistrationResult",
+]

@@ -8,14 +8,19 @@ Loop verification counts true loops accepted (recall) against hard false candida
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
 from bevplace_ros.registration.preprocess import PreparedCloud
 from bevplace_ros.registration.refine import RefineConfig, gicp_refine
-from bevplace_ros.se3 import matrix_to_xyyaw, rotation_error_deg, translation_error, xyyaw_to_matrix
+from bevplace_ros.se3 import (
+    matrix_to_xyyaw,
+    rotation_error_deg,
+    translation_error,
+    xyyaw_to_matrix,
+)
 
 SUCCESS_RTE, SUCCESS_RRE = 2.0, 5.0
 STRICT_RTE, STRICT_RRE = 0.2, 1.0

@@ -1,4 +1,4 @@
-"""RoITr-lite: a rotation-invariant matcher for LiDAR superpoints and their fine points (~0.8 M parameters).
+"""RoITr-lite: a rotation-invariant matcher for LiDAR superpoints and their fine points (~0.9 M parameters).
 
 Only point-pair features (ppf.py) enter the network: a two-stage PPF point encoder, a PPF patch
 encoder per superpoint, then self-attention biased by superpoint-pair PPFs and cross-attention
@@ -7,8 +7,8 @@ between the two clouds. Rotating either input therefore leaves every output unch
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from bevplace_ros.registration.ppf import point_pair_features
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Widths and depth; the defaults give ~0.8 M parameters, small enough for a 2-core CPU."""
+    """Widths and depth; the defaults give ~0.9 M parameters, small enough for a 2-core CPU."""
 
     point_dim: int = 64
     super_dim: int = 128

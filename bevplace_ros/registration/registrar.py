@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from bevplace_ros.registration.checkpoint import DEFAULT_WEIGHTS
-from bevplace_ros.registration.covariance import covariance_from_hessian, point_to_point_hessian, to_ros_order
+from bevplace_ros.registration.covariance import (
+    covariance_from_hessian,
+    point_to_point_hessian,
+    to_ros_order,
+)
 from bevplace_ros.registration.errors import RegistrationInputError
 from bevplace_ros.registration.matching import Correspondences, MatchingConfig
 from bevplace_ros.registration.pose_estimation import PoseConfig, PoseEstimate
-from bevplace_ros.registration.preprocess import PreparedCloud, PreprocessConfig, prepare_cloud
+from bevplace_ros.registration.preprocess import (
+    PreparedCloud,
+    PreprocessConfig,
+    prepare_cloud,
+)
 from bevplace_ros.registration.refine import RefineConfig, gicp_refine
 from bevplace_ros.registration.verification import VerificationConfig, verify
 
@@ -25,7 +32,7 @@ class RegistrationConfig:
     weights: str = str(DEFAULT_WEIGHTS)
     device: str = "auto"
     use_network: bool = True  # False: FPFH + RANSAC only (the classical path)
-    classical_fallback: bool = False  # retry a network result that fails verification with FPFH + RANSAC
+    classical_fallback: bool = True  # retry a network result that fails verification with FPFH + RANSAC
     torch_threads: int = 1  # CPU threads for torch; 1 avoids OpenMP spinning on a shared 2-core box
     seed: int = 0  # RANSAC sampling
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.spatial.transform import Rotation
 
 from bevplace_ros.se3 import invert, make_transform
-from scipy.spatial.transform import Rotation
 
 PAIR_KINDS = ("train", "odometry", "loop", "false")
 # (min, max) distance in metres between the two sensor positions, per pair kind

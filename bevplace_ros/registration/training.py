@@ -19,9 +19,19 @@ from scipy.spatial import cKDTree
 from torch.nn import functional as F
 
 from bevplace_ros.registration.checkpoint import read_checkpoint, save_checkpoint
-from bevplace_ros.registration.model import ModelConfig, RoITrLite, count_parameters, encode_arrays
-from bevplace_ros.registration.preprocess import CLOUD_KEYS, PreprocessConfig, prepare_cloud
+from bevplace_ros.registration.model import (
+    ModelConfig,
+    RoITrLite,
+    count_parameters,
+    encode_arrays,
+)
+from bevplace_ros.registration.preprocess import (
+    CLOUD_KEYS,
+    PreprocessConfig,
+    prepare_cloud,
+)
 from bevplace_ros.se3 import transform_points
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -89,7 +99,7 @@ def build_cache(cfg: TrainConfig, log) -> list[Path]:
             start = time.perf_counter()
             arrays = [prepare_pair(p, cfg) for p in sample_pairs(style, seed, {"train": cfg.pairs_per_world})]
             packed = {f"{i}/{k}": v for i, a in enumerate(arrays) for k, v in a.items()}
-            atomic_write(path, lambda tmp: _savez(tmp, packed))
+            atomic_write(path, lambda tmp, arrays=packed: _savez(tmp, arrays))
             log(f"cached {len(arrays)} pairs of {style}/{seed} in {time.perf_counter() - start:.0f} s -> {path}")
         files.append(path)
     return files

@@ -7,6 +7,7 @@ uninterrupted one would have done, without storing generator states.
 
 from __future__ import annotations
 
+import io
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -177,8 +178,6 @@ def _step(model: BEVPlaceNet, data: PlaceTrainingSet, batch: list[Tuple], cfg: P
 
 
 def _save_state(work_dir: Path, model: BEVPlaceNet, optimizer: torch.optim.Optimizer, history: list[EpochReport], cfg: PlaceTrainConfig) -> None:
-    import io
-
     buffer = io.BytesIO()
     torch.save({"epoch": history[-1].epoch, "optimizer": optimizer.state_dict(), "history": [asdict(h) for h in history], "config": asdict(cfg)}, buffer)
     save_checkpoint(work_dir / f"epoch_{history[-1].epoch:03d}.pt", model)
@@ -189,7 +188,7 @@ def _resume(work_dir: Path, device: torch.device) -> tuple[BEVPlaceNet, dict] | 
     state_path = work_dir / STATE_NAME
     if not state_path.is_file():
         return None
-    state = torch.load(state_path, map_location="cpu", weights_only=False)
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
     model = load_checkpoint(work_dir / f"epoch_{state['epoch']:03d}.pt").to(device)
     return model, state
 

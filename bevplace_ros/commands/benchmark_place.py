@@ -1,0 +1,192 @@
+"""`bevplace-ros benchmark place`: per-stage latency and memory of place recognition on one scan."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "latency of decode, BEV, descriptor (1 and R rotations), database query; peak RSS; bytes per keyframe"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_SCAN = REPO_ROOT.parent / "shared" / "data" / "kitti_scans" / "000000.bin"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scan", type=Path, default=DEFAULT_SCAN, help="KITTI .bin scan (float32 x, y, z, intensity)")
+    parser.add_argument("--out", type=Path, default=Path("out/benchmark_place.json"))
+    parser.add_argument("--repeats", type=int, default=15, help="timed runs per stage; the median is reported (shared CPU)")
+    parser.add_argument("--rotations", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--db-sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000])
+    parser.add_argument("--db-dims", type=int, nargs="+", default=[256, 8192], help="256 = a PCA-projected descriptor, 8192 = raw NetVLAD")
+    parser.add_argument("--db-max-gib", type=float, default=1.0, help="skip database sizes whose vectors exceed this")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--device", default="auto")
+
+
+def _median_ms(fn, repeats: int) -> dict:
+    import time
+
+    import numpy as np
+
+    fn()  # warm-up: allocator, oneDNN primitive cache
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    ms = np.array(times) * 1e3
+    return {"median_ms": float(np.median(ms)), "min_ms": float(ms.min()), "max_ms": float(ms.max())}
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _decode_stage(scan_path: Path, repeats: int) -> tuple[dict, "np.ndarray"]:
+    """Time the PointCloud2 decode the nodes run, on a message holding the scan."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from bevplace_ros.pointcloud2 import pack_points, read_points_numpy
+
+    raw = np.fromfile(scan_path, dtype=np.float32).reshape(-1, 4)
+    structured = np.rec.fromarrays(raw.T, names="x,y,z,intensity")
+    fields, data, step = pack_points(structured)
+    cloud = SimpleNamespace(header=None, height=1, width=len(raw), fields=fields, is_bigendian=False, point_step=step, row_step=step * len(raw), data=data, is_dense=False)
+    timing = _median_ms(lambda: read_points_numpy(cloud, ("x", "y", "z"), skip_nans=True), repeats)
+    timing["what"] = "pointcloud2.read_points_numpy(x,y,z, skip_nans) of a PointCloud2 holding the scan"
+    return timing, read_points_numpy(cloud, ("x", "y", "z"), skip_nans=True)
+
+
+def _network_stages(image, rotations: list[int], device, repeats: int) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bevplace_ros.models.bevplace_net import BEVPlaceNetConfig, build_seeded_model
+
+    x = torch.from_numpy(image)[None, None].to(device)
+    out = {}
+    for r in rotations:
+        eager = build_seeded_model(BEVPlaceNetConfig(rotations=r)).to(device)
+        fast = eager.for_inference().to(device)
+        with FlopCounterMode(display=False) as counter:
+            with torch.inference_mode():
+                fast(x)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        row = {"gflop": counter.get_total_flops() / 1e9}
+        with torch.inference_mode():
+            row["eager_no_grad"] = _median_ms(lambda: (eager(x), sync()), repeats)
+            row["inference"] = _median_ms(lambda: (fast(x), sync()), repeats)
+        row["gflops_achieved"] = row["gflop"] / (row["inference"]["median_ms"] / 1e3)
+        out[f"descriptor_r{r}"] = row
+    return out
+
+
+def _synthetic_descriptors(n: int, dim: int, rng) -> "np.ndarray":
+    """Places visited along a trajectory: each keyframe near one of n/10 place centres, so
+    near neighbours exist as in a real map (uniform random vectors would make HNSW look bad)."""
+    import numpy as np
+
+    centres = rng.standard_normal((max(n // 10, 1), dim)).astype(np.float32)
+    x = centres[rng.integers(0, len(centres), n)] + 0.5 * rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _database_stages(sizes: list[int], dims: list[int], max_gib: float, repeats: int) -> list[dict]:
+    import time
+
+    import faiss
+    import numpy as np
+
+    from bevplace_ros.descriptor_db import DatabaseConfig, DescriptorDatabase
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for dim in dims:
+        for n in sizes:
+            if n * dim * 4 > max_gib * 2**30:
+                rows.append({"dim": dim, "size": n, "skipped": f"vectors need {n * dim * 4 / 2**30:.1f} GiB > --db-max-gib"})
+                continue
+            x = _synthetic_descriptors(n, dim, rng)
+            queries = x[rng.integers(0, n, 200)] + 0.3 * rng.standard_normal((200, dim)).astype(np.float32) / np.sqrt(dim) * 4
+            row = {"dim": dim, "size": n}
+            results = {}
+            for kind, cfg in (("exact", DatabaseConfig(dim=dim, exact_max_size=n, max_size=2 * n)), ("hnsw", DatabaseConfig(dim=dim, exact_max_size=1, max_size=2 * n))):
+                db = DescriptorDatabase(cfg)
+                start = time.perf_counter()
+                db.add_batch(np.arange(n), np.arange(n, dtype=float), x)
+                build_s = time.perf_counter() - start
+                it = iter(range(10**9))
+                timing = _median_ms(lambda: db.query(queries[next(it) % len(queries)], stamp=-1e9, k=1, exclude_recent=10), repeats * 4)
+                results[kind] = [db.query(q, stamp=-1e9, k=1, exclude_recent=10)[0].keyframe_id for q in queries]
+                index_bytes = faiss.serialize_index(db._index).size
+                row[kind] = {"query": timing, "build_s": build_s, "bytes_per_keyframe": (index_bytes + 16 * n) / n}
+            row["hnsw_recall_at_1_vs_exact"] = float(np.mean(np.array(results["exact"]) == np.array(results["hnsw"])))
+            rows.append(row)
+    return rows
+
+
+def _print_table(report: dict) -> None:
+    print(f"{'stage':44s} {'median ms':>10s} {'min ms':>8s}")
+    for name in ("decode", "bev"):
+        print(f"{name:44s} {report[name]['median_ms']:10.2f} {report[name]['min_ms']:8.2f}")
+    for name, row in report["network"].items():
+        for kind in ("eager_no_grad", "inference"):
+            print(f"{name + ' ' + kind:44s} {row[kind]['median_ms']:10.2f} {row[kind]['min_ms']:8.2f}")
+        print(f"{name + ' GFLOP / achieved GFLOP/s':44s} {row['gflop']:10.2f} {row['gflops_achieved']:8.1f}")
+    print(f"{'keypoints + BEV pose (pair)':44s} {report['pose']['median_ms']:10.2f} {report['pose']['min_ms']:8.2f}")
+    for row in report["database"]:
+        label = f"query dim={row['dim']} n={row['size']}"
+        if "skipped" in row:
+            print(f"{label:44s} skipped: {row['skipped']}")
+            continue
+        for kind in ("exact", "hnsw"):
+            q = row[kind]
+            print(f"{label + ' ' + kind:44s} {q['query']['median_ms']:10.3f} {q['query']['min_ms']:8.3f}  build {q['build_s']:.1f} s, {q['bytes_per_keyframe']:.0f} B/keyframe")
+        print(f"{label + ' HNSW recall@1 vs exact':44s} {row['hnsw_recall_at_1_vs_exact']:10.3f}")
+    print(f"peak RSS {report['peak_rss_mib']:.0f} MiB; torch threads {report['torch_threads']}; device {report['device']}")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    import numpy as np
+    import torch
+
+    from bevplace_ros.atomic_io import atomic_write_bytes
+    from bevplace_ros.bev import BEVConfig, make_bev
+    from bevplace_ros.bev_pose import BEVPoseConfig, estimate_pose, extract_keypoints
+    from bevplace_ros.device import resolve_device
+    from bevplace_ros.models.bevplace_net import build_seeded_model
+    from bevplace_ros.se3 import invert, transform_points, xyyaw_to_matrix
+
+    if not args.scan.is_file():
+        print(f"scan not found: {args.scan}")
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    report: dict = {"scan": str(args.scan), "torch_threads": torch.get_num_threads(), "device": str(device), "cpu_count": os.cpu_count()}
+    report["decode"], points = _decode_stage(args.scan, args.repeats)
+    report["points"] = int(len(points))
+    bev_cfg = BEVConfig()
+    report["bev"] = _median_ms(lambda: make_bev(points, bev_cfg), args.repeats)
+    image = make_bev(points, bev_cfg)
+    report["network"] = _network_stages(image, args.rotations, device, args.repeats)
+    model = build_seeded_model().for_inference()
+    other = make_bev(transform_points(invert(xyyaw_to_matrix(2.0, -1.0, 0.3)), points), bev_cfg)
+    with torch.inference_mode():
+        local_a, local_b = (loc.numpy() for loc in model(torch.from_numpy(np.stack([image, other]))[:, None])[0])
+    pose_cfg = BEVPoseConfig()
+    report["pose"] = _median_ms(
+        lambda: estimate_pose(extract_keypoints(image, local_a, bev_cfg, pose_cfg), extract_keypoints(other, local_b, bev_cfg, pose_cfg), pose_cfg), args.repeats
+    )
+    report["database"] = _database_stages(args.db_sizes, args.db_dims, args.db_max_gib, args.repeats)
+    report["peak_rss_mib"] = _peak_rss_mib()
+    _print_table(report)
+    atomic_write_bytes(args.out, json.dumps(report, indent=2).encode())
+    print(f"wrote {args.out}")
+    return 0
