@@ -62,14 +62,13 @@ def _check_positive(name: str, value: float) -> None:
         raise ValueError(f"BEVConfig.{name} must be > 0, got {value}")
 
 
-def _validated_xyz(points: np.ndarray) -> np.ndarray:
+def _validated(points: np.ndarray) -> np.ndarray:
     arr = np.asarray(points)
     if arr.ndim != 2 or arr.shape[1] < 3:
         raise BEVError(f"points must be an (N, >=3) array of x, y, z, got shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.number):
         raise BEVError(f"points must be numeric, got dtype {arr.dtype}")
-    xyz = arr[:, :3].astype(np.float64, copy=False)
-    return xyz[np.isfinite(xyz).all(axis=1)]
+    return arr
 
 
 def make_bev(points: np.ndarray, cfg: BEVConfig = BEVConfig()) -> np.ndarray:
@@ -78,10 +77,12 @@ def make_bev(points: np.ndarray, cfg: BEVConfig = BEVConfig()) -> np.ndarray:
     A dense occupancy grid replaces a sort-based unique(): marking voxels is O(N) and the
     result cannot depend on which duplicate came first.
     """
-    xyz = _validated_xyz(points)
+    arr = _validated(points)
     extent = (cfg.half_cells + 0.5) * cfg.resolution
-    keep = (np.abs(xyz[:, 0]) < extent) & (np.abs(xyz[:, 1]) < extent) & (xyz[:, 2] >= cfg.z_min) & (xyz[:, 2] < cfg.z_max)
-    xyz = xyz[keep]
+    x, y, z = arr[:, 0], arr[:, 1], arr[:, 2]
+    # every comparison with NaN is False and |inf| fails the crop, so this also drops non-finite points
+    keep = (np.abs(x) < extent) & (np.abs(y) < extent) & (z >= cfg.z_min) & (z < cfg.z_max)
+    xyz = arr[keep, :3].astype(np.float64)
     half_v = int(np.ceil(extent / cfg.voxel_xy))
     nxy = 2 * half_v + 1
     nz = int(np.ceil((cfg.z_max - cfg.z_min) / cfg.voxel_z))

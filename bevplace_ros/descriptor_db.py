@@ -81,6 +81,12 @@ class DescriptorDatabase:
     def stamps(self) -> np.ndarray:
         return self._stamps[: self._size].copy()
 
+    def stored_bytes(self) -> int:
+        """Bytes the map occupies (vectors, HNSW links, ids, stamps): what each keyframe costs."""
+        import faiss
+
+        return int(faiss.serialize_index(self._index).size) + 16 * self._size
+
     @staticmethod
     def _is_hnsw(index) -> bool:
         import faiss

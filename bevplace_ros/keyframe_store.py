@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-from bevplace_ros.atomic_io import atomic_write
 from bevplace_ros.versioned_npz import load_versioned_npz, save_versioned_npz
 
 FORMAT_NAME = "bevplace_ros.keyframe_store"
@@ -112,17 +111,12 @@ class KeyframeStore:
             self.dropped += 1
             return
         path = self._spill / f"{key}.npy"
-        atomic_write(path, lambda tmp: _save_npy(tmp, value))
+        np.save(path, value)  # a per-run cache, deleted on close: no fsync needed
         self._disk[key] = path
         while len(self._disk) > self.cfg.max_on_disk:
             _, old = self._disk.popitem(last=False)
             old.unlink(missing_ok=True)
             self.dropped += 1
-
-
-def _save_npy(path: Path, value: np.ndarray) -> None:
-    with open(path, "wb") as handle:  # a file object: np.save would append ".npy" to a name
-        np.save(handle, value)
 
 
 def _ensure(folder: str) -> str:

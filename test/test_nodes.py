@@ -29,7 +29,6 @@ from bevplace_ros.sim.writers import BagConfig, write_sequence
 # One lap of a block and its first edge again: a same-direction revisit ~60 keyframes later.
 LAP_AND_EDGE = ((0, 0), (1, 0), (1, 1), (0, 1), (0, 0), (1, 0))
 PARAMS_FILE = REPO_ROOT / "config" / "bevplace.yaml"
-TMP_OVERRIDES = ("place.weights:=random", "registration.use_network:=false")  # DEV ONLY until weights ship
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +41,7 @@ def drive(tmp_path_factory) -> Path:
 
 
 def _options(bag: Path, tmp: Path, **changes) -> ReplayOptions:
-    return replace(ReplayOptions(bag=bag, params_file=PARAMS_FILE, record=tmp / "outputs", progress=False, overrides=TMP_OVERRIDES), **changes)
+    return replace(ReplayOptions(bag=bag, params_file=PARAMS_FILE, record=tmp / "outputs", progress=False), **changes)
 
 
 def test_replay_finds_the_revisit_without_false_loops_and_lowers_ate(drive, tmp_path):
@@ -104,7 +103,7 @@ def test_place_node_survives_malformed_clouds_and_odometry_gaps(ros_context, dri
     from bevplace_ros.nodes.place_recognition_node import PlaceRecognitionNode
 
     overrides = [Parameter("keyframe.min_distance", value=0.0), Parameter("keyframe.max_interval", value=0.01),
-                 Parameter("odom_max_gap", value=0.2), Parameter("place.weights", value="random")]  # scans are 0.4 s apart: a missing odometry message is a gap
+                 Parameter("odom_max_gap", value=0.2)]  # scans are 0.4 s apart: a missing odometry message is a gap
     node = PlaceRecognitionNode(context=ros_context, parameter_overrides=overrides)
     talker = __import__("rclpy").create_node("talker", context=ros_context)
     executor = MultiThreadedExecutor(context=ros_context)
@@ -146,7 +145,7 @@ def test_place_node_survives_malformed_clouds_and_odometry_gaps(ros_context, dri
 
 
 def test_three_separate_processes_talk_over_dds(drive, tmp_path):
-    env_args = ["--ros-args", "--params-file", str(PARAMS_FILE), "-p", "base_to_sensor:=[0.3, 0.0, 1.73, 0.0, 0.0, 0.0]", *[a for o in TMP_OVERRIDES for a in ("-p", o)]]
+    env_args = ["--ros-args", "--params-file", str(PARAMS_FILE), "-p", "base_to_sensor:=[0.3, 0.0, 1.73, 0.0, 0.0, 0.0]"]
     processes = [
         subprocess.Popen([sys.executable, "-m", f"bevplace_ros.nodes.{name}", *env_args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for name in ("place_recognition_node", "registration_node", "pose_graph_node")

@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 from rclpy.parameter import Parameter
 
-from test_nodes import TMP_OVERRIDES
-from bevplace_ros.commands.stress import TMP_OVERRIDES as STRESS_OVERRIDES
 from bevplace_ros.keyframe_store import KeyframeStoreConfig
 from bevplace_ros.loop_verifier import LoopVerifier, LoopVerifierConfig
 from bevplace_ros.nodes.parameters import InvalidParameter
@@ -28,14 +26,10 @@ def _scans(drive):
     return lambda i: np.c_[drive.scan(i % len(drive)), np.zeros(len(drive.scan(i % len(drive))))].astype(np.float32)
 
 
-def test_stress_command_uses_the_node_tests_dev_overrides():
-    assert STRESS_OVERRIDES == TMP_OVERRIDES
-
-
 def test_fuzzed_messages_never_stop_the_nodes_or_the_good_scans(drive):
     from bevplace_ros.stress.fuzz_clouds import CLOUD_KINDS, OTHER_KINDS, FuzzConfig, run_fuzz
 
-    report = run_fuzz(FuzzConfig(bad_messages=len(CLOUD_KINDS) + len(OTHER_KINDS) + 14, good_every=10, huge_clouds=0), _scans(drive), TMP_OVERRIDES)
+    report = run_fuzz(FuzzConfig(bad_messages=len(CLOUD_KINDS) + len(OTHER_KINDS) + 14, good_every=10, huge_clouds=0), _scans(drive), ())
     assert set(report.per_kind) == {*CLOUD_KINDS, *OTHER_KINDS}
     assert report.nodes_alive == 3
     assert report.good_processed == report.good_sent >= 5

@@ -11,8 +11,6 @@ from pathlib import Path
 
 HELP = "stress the loop-closure stack: fuzzed input, false loops, 10k-keyframe memory, SIGKILL during saves"
 PARTS = ("fuzz", "loops", "memory", "saves")
-# Until trained weights ship, the stress runs use the same development overrides as the node tests.
-TMP_OVERRIDES = ("place.weights:=random", "registration.use_network:=false")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +57,7 @@ def fuzz_part(small: bool, seed: int) -> dict:
     from bevplace_ros.stress.fuzz_clouds import FuzzConfig, run_fuzz
 
     cfg = FuzzConfig(bad_messages=120 if small else 1000, huge_clouds=0 if small else 1, seed=seed)  # one 2M cloud takes ~30 s here
-    r = run_fuzz(cfg, _scans(), TMP_OVERRIDES)
+    r = run_fuzz(cfg, _scans(), ())
     passed = r.nodes_alive == 3 and r.good_processed == r.good_sent
     return {"passed": passed, "messages_tried": r.tried, "nodes_alive": r.nodes_alive, "good_sent": r.good_sent,
             "good_processed": r.good_processed, "huge_cloud_s": r.huge_seconds, "huge_outcome": r.huge_outcome,

@@ -27,7 +27,8 @@ from bevplace_ros.se3 import xyyaw_to_matrix
 PARAMS = [
     ParamSpec("registration.weights", RegistrationConfig.weights, "Registration network weights (.pt); default: the shipped file.", runtime=False),
     ParamSpec("registration.device", RegistrationConfig.device, "Torch device for the matcher.", choices=("auto", "cpu", "cuda"), runtime=False),
-    ParamSpec("registration.use_network", RegistrationConfig.use_network, "Learned RoITr-style matcher (true) or the FPFH + RANSAC fallback (false).", runtime=False),
+    ParamSpec("registration.use_network", RegistrationConfig.use_network, "Learned RoITr-lite matcher (true) or FPFH + RANSAC (false, the better of the two with the shipped weights).", runtime=False),
+    ParamSpec("registration.classical_fallback", RegistrationConfig.classical_fallback, "With the network: retry a rejected pair with FPFH + RANSAC.", runtime=False),
     ParamSpec("registration.refine", RefineConfig.enabled, "Refine the coarse pose with small_gicp GICP.", runtime=False),
     *specs_from_config(VerificationConfig, "verification.", {
         "min_fitness": ("Accept a loop only if this share of query points has a match-cloud neighbour after alignment.", 0.0, 1.0),
@@ -66,6 +67,7 @@ class RegistrationNode(Node):
         p = self.params
         registration = RegistrationConfig(
             weights=p["registration.weights"], device=p["registration.device"], use_network=p["registration.use_network"],
+            classical_fallback=p["registration.classical_fallback"],
             refine=RefineConfig(enabled=p["registration.refine"]),
             verification=config_from_params(VerificationConfig, p, "verification."),
         )
@@ -74,7 +76,7 @@ class RegistrationNode(Node):
             registration,
             replace(config_from_params(KeyframeStoreConfig, p, "store."), spill_dir=p["store.spill_dir"]),
         )
-        self.method = "roitr_lite" if registration.use_network else "fpfh_ransac"
+        self.method = ("roitr_lite" + ("|fpfh_ransac" if registration.classical_fallback else "")) if registration.use_network else "fpfh_ransac"
         self.method += "+gicp" if registration.refine.enabled else ""
         self.worker = QueueWorker(self._verify, self._worker_error, "registration", p["queue_size"])
         self.keyframes_handled = 0

@@ -90,12 +90,18 @@ def validate_points(points: np.ndarray, name: str) -> np.ndarray:
 
 
 def voxel_representatives(points: np.ndarray, voxel: float) -> np.ndarray:
-    """Index of the point nearest each occupied voxel's centroid: real points, so normals carry over."""
-    keys = np.floor(points / voxel).astype(np.int64)
-    _, inverse, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
-    inverse = inverse.ravel()
-    centroids = np.zeros((len(counts), 3))
-    np.add.at(centroids, inverse, points)
+    """Index of the point nearest each occupied voxel's centroid: real points, so normals carry over.
+
+    Voxel keys are packed into one int64 (21 bits an axis) so the grouping is a 1-D unique and the
+    centroid sums are bincounts: ~20x faster than unique(axis=0) + add.at on 2 M points.
+    """
+    cells = np.floor(points / voxel).astype(np.int64)
+    cells -= cells.min(axis=0)
+    if np.any(cells.max(axis=0) >= 1 << 21):
+        raise RegistrationInputError(f"cloud spans more than {(1 << 21) * voxel:.0f} m at voxel {voxel} m; crop it first")
+    keys = (cells[:, 0] << 42) | (cells[:, 1] << 21) | cells[:, 2]
+    _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    centroids = np.stack([np.bincount(inverse, weights=points[:, axis], minlength=len(counts)) for axis in range(3)], axis=1)
     centroids /= counts[:, None]
     dist = np.linalg.norm(points - centroids[inverse], axis=1)
     order = np.lexsort((dist, inverse))

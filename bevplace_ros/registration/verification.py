@@ -15,7 +15,7 @@ class VerificationConfig:
     validation pairs (see docs/registration.md); the others are sanity floors.
     """
 
-    min_fitness: float = 0.3  # share of source points with a target point within RefineConfig.fine_distance
+    min_fitness: float = 0.48  # share of source points with a target point within fine_distance; calibrated (docs)
     min_inlier_ratio: float = 0.05
     min_inliers: int = 10
 
