@@ -144,11 +144,11 @@ def test_bad_inputs_raise_clear_errors(registrar, kitti, tmp_path):
     with pytest.raises(RegistrationInputError, match="rigid"):
         registrar.register(scan, scan, initial_guess=np.ones((4, 4)))
     with pytest.raises(RegistrationCheckpointError, match="not found"):
-        Registrar(RegistrationConfig(weights=str(tmp_path / "missing.pt"), device="cpu"))
+        Registrar(RegistrationConfig(weights=str(tmp_path / "missing.pt"), device="cpu", use_network=True))
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
     with pytest.raises(RegistrationCheckpointError, match="unreadable"):
-        Registrar(RegistrationConfig(weights=str(corrupt), device="cpu"))
+        Registrar(RegistrationConfig(weights=str(corrupt), device="cpu", use_network=True))
     with pytest.raises(ValueError, match="max_superpoints"):
         PreprocessConfig(max_superpoints=2)
 
@@ -164,6 +164,6 @@ def test_classical_fallback_registers_real_pair(kitti):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine: CPU/CUDA agreement untested")
 def test_cpu_and_cuda_agree(kitti):
     scans, _ = kitti
-    results = [Registrar(RegistrationConfig(device=d)).register(scans[0], scans[1]) for d in ("cpu", "cuda")]
+    results = [Registrar(RegistrationConfig(device=d, use_network=True)).register(scans[0], scans[1]) for d in ("cpu", "cuda")]
     assert translation_error(results[0].transform, results[1].transform) < 0.05
     assert rotation_error_deg(results[0].transform, results[1].transform) < 0.1
