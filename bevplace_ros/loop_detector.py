@@ -19,7 +19,7 @@ from bevplace_ros.place_recognizer import PlaceFeatures, PlaceRecognizer
 
 @dataclass(frozen=True)
 class LoopDetectorConfig:
-    top_k: int = 1  # candidates per keyframe
+    top_k: int = 3  # candidates per keyframe (on the demo: 3 closes 26 of 42 revisits, 1 closes 15; no false loops either way)
     exclude_recent: int = 50  # most recent keyframes never returned (they are trivially similar)
     exclude_seconds: float = 10.0  # nor keyframes closer in time than this [s]
     max_descriptor_distance: float = 1.2  # L2 distance of normalised descriptors, in [0, 2]

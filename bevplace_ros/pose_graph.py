@@ -57,12 +57,16 @@ class PoseGraphConfig:
     relinearize_threshold: float = 0.01  # iSAM2: tangent-space change that triggers relinearisation
     relinearize_skip: int = 1  # iSAM2: check for relinearisation every this many updates
     loop_extra_updates: int = 3  # extra iSAM2 iterations after a loop, which moves many variables
+    # Added (in quadrature) to every loop covariance: Hessian-based registration covariances are
+    # lower bounds (millimetres), which would make the robust kernel treat true loops as outliers.
+    loop_sigma_trans: float = 0.1  # [m]
+    loop_sigma_rot_deg: float = 0.5  # [deg]
 
     def __post_init__(self) -> None:
         for name in ("odom_sigma_trans_floor", "odom_sigma_rot_floor_deg", "prior_sigma_trans",
                      "prior_sigma_rot_deg", "loop_kernel_param", "relinearize_threshold"):
             _require(self, name, lambda v: 0 < v < math.inf, "a finite number > 0")
-        for name in ("odom_sigma_trans_per_m", "odom_sigma_rot_per_m_deg", "loop_gate_sigmas"):
+        for name in ("odom_sigma_trans_per_m", "odom_sigma_rot_per_m_deg", "loop_gate_sigmas", "loop_sigma_trans", "loop_sigma_rot_deg"):
             _require(self, name, lambda v: 0 <= v < math.inf, "a finite number >= 0")
         for name in ("max_loop_translation", "max_loop_rotation_deg"):
             _require(self, name, lambda v: v > 0, "a number > 0 (inf disables the cap)")
@@ -216,7 +220,8 @@ class PoseGraph:
         if match_key == query_key:
             raise PoseGraphError(f"loop joins keyframe {match_key} to itself")
         T_meas = _check_transform(T_match_query, f"loop {match_key}<-{query_key} T_match_query")
-        cov = _check_covariance(covariance_ros)
+        cov = _check_covariance(covariance_ros) + np.diag(np.r_[np.full(3, self.cfg.loop_sigma_trans**2),
+                                                                np.full(3, np.radians(self.cfg.loop_sigma_rot_deg) ** 2)])
         T_est = invert(self._isam.calculateEstimatePose3(match_key).matrix()) @ self._isam.calculateEstimatePose3(query_key).matrix()
         d_t, d_r = translation_error(T_meas, T_est), rotation_error_deg(T_meas, T_est)
         sigma_t, sigma_r = self._chain_sigmas(self._index[match_key], self._index[query_key])

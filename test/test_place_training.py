@@ -10,11 +10,25 @@ import pytest
 import torch
 
 from bevplace_ros.bev import BEVConfig
-from bevplace_ros.models.checkpoint import DEFAULT_PLACE_WEIGHTS, CheckpointError, load_checkpoint
+from bevplace_ros.models.checkpoint import (
+    DEFAULT_PLACE_WEIGHTS,
+    CheckpointError,
+    load_checkpoint,
+)
 from bevplace_ros.training.losses import quadruplet_loss, triplet_loss
 from bevplace_ros.training.mining import MiningConfig, PlaceGraph, mine_tuples
-from bevplace_ros.training.place_dataset import PlaceDataError, PlaceSequence, SequenceSpec, load_sequence
-from bevplace_ros.training.place_trainer import AugmentConfig, PlaceTrainConfig, augment, train_place
+from bevplace_ros.training.place_dataset import (
+    PlaceDataError,
+    PlaceSequence,
+    SequenceSpec,
+    load_sequence,
+)
+from bevplace_ros.training.place_trainer import (
+    AugmentConfig,
+    PlaceTrainConfig,
+    augment,
+    train_place,
+)
 
 
 def test_sequence_spec_parsing():
@@ -140,7 +154,7 @@ def test_tiny_training_is_deterministic_and_resumes(tmp_path, rng):
     from dataclasses import replace
 
     train_place(train, val, replace(cfg, epochs=1), tmp_path / "split", progress=lambda m: None)
-    resumed, history2 = train_place(train, val, cfg, tmp_path / "split", resume=True, progress=lambda m: None)
+    _, history2 = train_place(train, val, cfg, tmp_path / "split", resume=True, progress=lambda m: None)
     assert [h.epoch for h in history2] == [1, 2]
     a = load_checkpoint(tmp_path / "full" / "epoch_002.pt").state_dict()
     b = load_checkpoint(tmp_path / "split" / "epoch_002.pt").state_dict()

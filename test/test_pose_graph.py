@@ -183,7 +183,7 @@ def test_gate_rejects_loop_20m_off_with_reason() -> None:
 def test_ros_covariance_order_is_converted() -> None:
     """A loop tight in x only (ROS index 0) must win in x and lose in y; tight in yaw (ROS 5) wins in yaw.
 
-    No kernel here, so the result is the plain Gaussian fusion of odometry (sigma 0.12 m, 0.25 deg
+    No kernel and no covariance floor here, so the result is the plain Gaussian fusion of odometry (sigma 0.12 m, 0.25 deg
     over this 10 m edge) and loop; iSAM2 only re-weights a robust factor on relinearisation.
     """
     sigma_odom_t, sigma_odom_r = 0.02 + 0.01 * 10, 0.05 + 0.02 * 10  # PoseGraphConfig defaults
@@ -191,7 +191,7 @@ def test_ros_covariance_order_is_converted() -> None:
     cov_yaw = np.diag([100.0, 100.0, 100.0, 100.0, 100.0, np.radians(0.05) ** 2])
     fuse = lambda odom, loop, s_odom, s_loop: odom + (loop - odom) * s_odom**2 / (s_odom**2 + s_loop**2)  # noqa: E731
     for cov, tight in ((cov_x, "x"), (cov_yaw, "yaw")):
-        graph = PoseGraph(PoseGraphConfig(loop_kernel="none"))
+        graph = PoseGraph(PoseGraphConfig(loop_kernel="none", loop_sigma_trans=0.0, loop_sigma_rot_deg=0.0))
         graph.add_keyframe(0, 0.0, np.eye(4))
         graph.add_keyframe(1, 1.0, make_transform(np.eye(3), [10.0, 0.0, 0.0]))
         assert graph.add_loop(0, 1, _exp([0, 0, np.radians(0.4)], [10.3, 0.3, 0.0]), cov).accepted

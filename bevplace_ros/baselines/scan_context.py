@@ -12,7 +12,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from bevplace_ros.bev import BEVConfig
-from bevplace_ros.evaluation.place_metrics import LoopMatches, descriptor_top_k, earlier_mask
+from bevplace_ros.evaluation.place_metrics import (
+    LoopMatches,
+    descriptor_top_k,
+    earlier_mask,
+)
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,7 @@ class ScanContextConfig:
 
     @property
     def search_radius(self) -> int:
-        return int(round(0.5 * self.search_ratio * self.sectors))
+        return round(0.5 * self.search_ratio * self.sectors)
 
 
 def _polar_max(xy: np.ndarray, height: np.ndarray, cfg: ScanContextConfig) -> np.ndarray:

@@ -28,7 +28,12 @@ def run(args: argparse.Namespace) -> int:
     from bevplace_ros.atomic_io import atomic_write
     from bevplace_ros.device import resolve_device
     from bevplace_ros.models.checkpoint import CheckpointError, load_place_model
-    from bevplace_ros.training.place_dataset import PlaceDataError, SequenceSpec, iter_bev_images, save_npy
+    from bevplace_ros.training.place_dataset import (
+        PlaceDataError,
+        SequenceSpec,
+        iter_bev_images,
+        save_npy,
+    )
 
     if not 1 <= args.rotations <= 64 or args.batch < 1:
         raise SystemExit("embed: need --rotations in [1, 64] and --batch >= 1")

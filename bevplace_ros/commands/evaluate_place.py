@@ -75,9 +75,17 @@ def _scan_contexts(seq, spec, args):
     """Raw scans where the data set has them; BEV images (occupied cells) otherwise."""
     import numpy as np
 
-    from bevplace_ros.baselines.scan_context import ScanContextConfig, scan_context, scan_context_from_bev
+    from bevplace_ros.baselines.scan_context import (
+        ScanContextConfig,
+        scan_context,
+        scan_context_from_bev,
+    )
     from bevplace_ros.datasets.frames import dataset_kind
-    from bevplace_ros.training.place_dataset import cached_arrays, frames_in_range, sequence_cache_key
+    from bevplace_ros.training.place_dataset import (
+        cached_arrays,
+        frames_in_range,
+        sequence_cache_key,
+    )
 
     from_bev = dataset_kind(spec.path) == "bev_images"
     cfg = ScanContextConfig(max_range_m=30.0) if from_bev else ScanContextConfig()
@@ -92,8 +100,17 @@ def _scan_contexts(seq, spec, args):
 
 def _evaluate_method(name, seq, split, args, out_dir, descriptors=None, scan_contexts=None, sc_cfg=None):
     from bevplace_ros.baselines.scan_context import sc_loop_matches, sc_top_k
-    from bevplace_ros.evaluation.place_metrics import (DIRECTIONS, descriptor_loop_matches, descriptor_top_k, loop_correct,
-                                                       loop_recall_at_1, pr_curve, revisit_directions, split_recall, top_percent_k)
+    from bevplace_ros.evaluation.place_metrics import (
+        DIRECTIONS,
+        descriptor_loop_matches,
+        descriptor_top_k,
+        loop_correct,
+        loop_recall_at_1,
+        pr_curve,
+        revisit_directions,
+        split_recall,
+        top_percent_k,
+    )
     from bevplace_ros.evaluation.place_plots import plot_detections
 
     db_end, q_start = split
@@ -121,6 +138,10 @@ def _evaluate_method(name, seq, split, args, out_dir, descriptors=None, scan_con
     return result, curves
 
 
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def _slug(name: str) -> str:
     import re
 
@@ -134,7 +155,11 @@ def run(args: argparse.Namespace) -> int:
     from bevplace_ros.atomic_io import atomic_write_bytes
     from bevplace_ros.evaluation.place_plots import plot_pr_curves
     from bevplace_ros.models.checkpoint import CheckpointError
-    from bevplace_ros.training.place_dataset import PlaceDataError, SequenceSpec, load_sequence
+    from bevplace_ros.training.place_dataset import (
+        PlaceDataError,
+        SequenceSpec,
+        load_sequence,
+    )
 
     if not 1 <= args.rotations <= 64 or args.batch < 1 or args.exclude_recent < 0 or not args.radius > 0:
         raise SystemExit("evaluate place: need --rotations in [1, 64], --batch >= 1, --exclude-recent >= 0, --radius > 0")
@@ -161,9 +186,8 @@ def run(args: argparse.Namespace) -> int:
                 results[method], curves[method] = _evaluate_method(method, seq, split, args, args.out, descriptors=desc)
             results[method]["seconds"] = round(time.perf_counter() - t0, 1)
             r = results[method]
-            fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
             print(f"{seq.name} {method:12s} R@1 {r['recall_at_1']:6.2f}  R@1% {r['recall_at_1pct']:6.2f}  (n={r['split_queries']})  "
-                  f"F1max same {fmt(r['f1max_same'])} (n={r['revisits_same']})  reverse {fmt(r['f1max_reverse'])} (n={r['revisits_reverse']})  "
+                  f"F1max same {_fmt(r['f1max_same'])} (n={r['revisits_same']})  reverse {_fmt(r['f1max_reverse'])} (n={r['revisits_reverse']})  "
                   f"[{r['seconds']} s]", flush=True)
         pr_png = plot_pr_curves(curves, seq.name, args.out / f"pr_{_slug(seq.name)}.png")
         report["sequences"][seq.name] = {"frames": len(seq), "split": {"db_end": split[0], "query_start": split[1]}, "methods": results, "pr_png": str(pr_png)}

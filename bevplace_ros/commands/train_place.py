@@ -48,7 +48,11 @@ def run(args: argparse.Namespace) -> int:
     from bevplace_ros.models.checkpoint import save_checkpoint
     from bevplace_ros.training.mining import MiningConfig
     from bevplace_ros.training.place_dataset import PlaceDataError, load_sequence
-    from bevplace_ros.training.place_trainer import AugmentConfig, PlaceTrainConfig, train_place
+    from bevplace_ros.training.place_trainer import (
+        AugmentConfig,
+        PlaceTrainConfig,
+        train_place,
+    )
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -48,7 +48,7 @@ class PRCurve:
 
 
 def top_percent_k(database_size: int) -> int:
-    return max(1, int(round(0.01 * database_size)))
+    return max(1, round(0.01 * database_size))
 
 
 def descriptor_top_k(database: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:

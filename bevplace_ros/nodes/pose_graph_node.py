@@ -28,6 +28,8 @@ GRAPH_DOCS = {
     "odom_sigma_rot_per_m_deg": ("Odometry rotation sigma growth [deg per m travelled].", 0.0, 10.0),
     "prior_sigma_trans": ("Anchor sigma of the first keyframe [m].", 1e-6, 10.0),
     "prior_sigma_rot_deg": ("Anchor sigma of the first keyframe [deg].", 1e-6, 45.0),
+    "loop_sigma_trans": ("Added to every loop's translation sigma (registration covariances are lower bounds) [m].", 0.0, 100.0),
+    "loop_sigma_rot_deg": ("Added to every loop's rotation sigma [deg].", 0.0, 90.0),
     "loop_kernel_param": ("Robust kernel width (cauchy/huber: k, dcs: Phi) on the whitened loop residual.", 1e-3, 1e6),
     "max_loop_translation": ("Sanity cap: loop-vs-estimate translation disagreement beyond the odometry uncertainty [m].", 0.01, 1e4),
     "max_loop_rotation_deg": ("Sanity cap: loop-vs-estimate rotation disagreement beyond the odometry uncertainty [deg].", 0.01, 360.0),

@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -39,7 +40,7 @@ class SequenceSpec:
     end: int | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "SequenceSpec":
+    def parse(cls, text: str) -> SequenceSpec:
         """'PATH' or 'PATH@START:END' (either bound may be empty), e.g. kitti_bev/00@0:3000."""
         match = _SPEC.match(text)
         if not match:
@@ -77,10 +78,6 @@ class PlaceSequence:
         """Yaw of the LiDAR x axis in the map (radians): tells same- from reverse-direction revisits."""
         return np.arctan2(self.poses[:, 1, 0], self.poses[:, 0, 0])
 
-    def float_images(self, indices: np.ndarray | slice = slice(None)) -> np.ndarray:
-        """(B, H, W) float32 in [0, 1], the scale the network was trained on."""
-        return self.images[indices].astype(np.float32) / 255.0
-
 
 def sequence_cache_key(spec: SequenceSpec, bev: BEVConfig = BEVConfig()) -> str:
     """Changes whenever the source files, the frame range or the rasterisation changes."""
@@ -108,7 +105,7 @@ def save_npy(path: Path, array: np.ndarray) -> None:
         np.save(handle, array)
 
 
-def frames_in_range(spec: SequenceSpec) -> Iterator["Frame"]:
+def frames_in_range(spec: SequenceSpec) -> Iterator[Frame]:
     """Frames [start, end) of a rosbag2 / KITTI folder, in data-set order."""
     from bevplace_ros.datasets.frames import open_dataset
 

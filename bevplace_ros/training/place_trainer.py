@@ -10,20 +10,35 @@ from __future__ import annotations
 import io
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from bevplace_ros.atomic_io import atomic_write_bytes
-from bevplace_ros.evaluation.place_metrics import descriptor_loop_matches, loop_recall_at_1, revisit_directions
-from bevplace_ros.models.bevplace_net import BEVPlaceNet, BEVPlaceNetConfig, build_seeded_model, rotation_thetas
+from bevplace_ros.evaluation.place_metrics import (
+    descriptor_loop_matches,
+    loop_recall_at_1,
+    revisit_directions,
+)
+from bevplace_ros.models.bevplace_net import (
+    BEVPlaceNet,
+    BEVPlaceNetConfig,
+    build_seeded_model,
+    rotation_thetas,
+)
 from bevplace_ros.models.checkpoint import load_checkpoint, save_checkpoint
 from bevplace_ros.training.losses import LOSSES, quadruplet_loss, triplet_loss
-from bevplace_ros.training.mining import MiningConfig, PlaceGraph, Tuple, mine_tuples, sample_epoch
+from bevplace_ros.training.mining import (
+    MiningConfig,
+    PlaceGraph,
+    Tuple,
+    mine_tuples,
+    sample_epoch,
+)
 from bevplace_ros.training.place_dataset import PlaceSequence
 
 STATE_NAME = "train_state.pt"
