@@ -25,7 +25,7 @@ from bevplace_ros.registration.verification import VerificationConfig
 from bevplace_ros.se3 import xyyaw_to_matrix
 
 PARAMS = [
-    ParamSpec("registration.weights", RegistrationConfig.weights, "Registration network weights (.pt); default: the shipped file.", runtime=False),
+    ParamSpec("registration.weights", "", "Registration network weights (.pt); empty = the shipped weights.", runtime=False),
     ParamSpec("registration.device", RegistrationConfig.device, "Torch device for the matcher.", choices=("auto", "cpu", "cuda"), runtime=False),
     ParamSpec("registration.use_network", RegistrationConfig.use_network, "Learned RoITr-lite matcher (true) or FPFH + RANSAC (false, the better of the two with the shipped weights).", runtime=False),
     ParamSpec("registration.classical_fallback", RegistrationConfig.classical_fallback, "With the network: retry a rejected pair with FPFH + RANSAC.", runtime=False),
@@ -66,7 +66,7 @@ class RegistrationNode(Node):
         self.params = declare_parameters(self, PARAMS, self._on_change)
         p = self.params
         registration = RegistrationConfig(
-            weights=p["registration.weights"], device=p["registration.device"], use_network=p["registration.use_network"],
+            weights=p["registration.weights"] or RegistrationConfig.weights, device=p["registration.device"], use_network=p["registration.use_network"],
             classical_fallback=p["registration.classical_fallback"],
             refine=RefineConfig(enabled=p["registration.refine"]),
             verification=config_from_params(VerificationConfig, p, "verification."),
