@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from bevplace_ros.bev import BEVConfig
+from bevplace_ros.models.backbone import STRIDE
 from bevplace_ros.models.bevplace_net import feature_coords
 from bevplace_ros.se3 import xyyaw_to_matrix
 
@@ -70,6 +71,10 @@ def detect_keypoints(bev: np.ndarray, cfg: BEVPoseConfig) -> np.ndarray:
     if not found:
         return np.zeros((0, 2))
     pts = np.array([(k.pt[1], k.pt[0], k.response) for k in found])
+    # Only the inscribed disc carries features (BEVPlaceNet masks the rest); keep one stride-8
+    # feature cell clear of its edge so the bilinear samples are not half masked.
+    centre = (image.shape[0] - 1) / 2
+    pts = pts[np.hypot(pts[:, 0] - centre, pts[:, 1] - centre) <= centre - STRIDE]
     order = np.lexsort((pts[:, 1], pts[:, 0], -pts[:, 2]))[: cfg.max_keypoints]
     return pts[order, :2]
 

@@ -175,11 +175,11 @@ def test_checkpoint_errors(tmp_path, images):
         load_checkpoint(tmp_path / "mismatch.pt")
 
 
-def test_default_weights_absent_says_how_to_get_them():
-    if DEFAULT_PLACE_WEIGHTS.exists():
-        pytest.skip(f"trained weights present at {DEFAULT_PLACE_WEIGHTS}")
-    with pytest.raises(CheckpointError, match="train place"):
-        load_place_model()
+def test_shipped_weights_load_by_default_and_a_missing_file_is_named(tmp_path):
+    assert DEFAULT_PLACE_WEIGHTS.is_file(), "the package ships trained place weights"
+    assert load_place_model().descriptor_dim == 8192
+    with pytest.raises(CheckpointError, match="not found.*absent.pt"):
+        load_place_model(tmp_path / "absent.pt")
     assert load_place_model("random", rotations=2).rotations == 2
 
 
