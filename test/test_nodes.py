@@ -161,3 +161,17 @@ def test_three_separate_processes_talk_over_dds(drive, tmp_path):
     assert len(run.keyframe_stamps) > 30, logs[0][-2000:]
     verified = [c for c in run.closures if c[3]]
     assert verified and run.optimized, logs
+
+
+def test_a_two_million_point_scan_is_thinned_and_becomes_a_keyframe(ros_context):
+    """The scan goes through the node's own processing path (the worker calls the same method)."""
+    from bevplace_ros.nodes.place_recognition_node import PlaceRecognitionNode
+
+    node = PlaceRecognitionNode(context=ros_context)
+    try:
+        node.odometry.add(1.0, np.eye(4))
+        points = (np.random.default_rng(0).normal(size=(2_000_000, 4)) * 20).astype(np.float32)
+        node._process(_cloud(10**9, points))
+        assert node.keyframes_published == 1 and not node.skipped
+    finally:
+        node.destroy_node()

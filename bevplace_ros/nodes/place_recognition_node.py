@@ -62,6 +62,8 @@ PARAMS = [
     }),
     ParamSpec("keyframe_cloud_voxel", 0.4, "Voxel of the cloud carried by the Keyframe message [m].", 0.05, 5.0, runtime=False),
     ParamSpec("min_points", 500, "Scans with fewer finite points are skipped with a warning.", 1, 10_000_000),
+    ParamSpec("max_points", 300_000, "Larger scans are thinned to this many points by an even stride (bounds the time per scan).",
+              1000, 100_000_000),
     ParamSpec("odom_max_gap", 0.5, "Largest stamp gap to interpolate odometry across [s].", 0.001, 60.0, runtime=False),
     ParamSpec("base_to_sensor", [0.0] * 6, "LiDAR pose in the odometry child frame: x y z [m] roll pitch yaw [rad].", runtime=False),
     ParamSpec("pose_source", "odom", "Where keyframe poses come from: the odometry topic, or TF (odom_frame -> scan frame; needs tf2_ros).",
@@ -191,6 +193,8 @@ class PlaceRecognitionNode(Node):
             return self._skip("malformed", str(err))
         if len(points) < self.params["min_points"]:
             return self._skip("too few points", f"{len(points)} finite points, min_points={self.params['min_points']}")
+        if len(points) > self.params["max_points"]:
+            points = points[np.linspace(0, len(points) - 1, self.params["max_points"]).astype(np.int64)]
         try:
             T_odom_sensor = self._sensor_pose(msg, stamp_ns)
         except OdometryLookupError as err:
