@@ -42,3 +42,14 @@ def ros_context():
     finally:
         context.try_shutdown()
 
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Two OpenMP threads on two cores shared with other jobs run ~3x slower than one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from bevplace_ros.bev_pose import BEVKeypoints, BEVPose, BEVPoseConfig, estimate_pose, fit_rigid_2d, ransac_rigid_2d
 from bevplace_ros.place_recognizer import PlaceRecognizer, PlaceRecognizerConfig
 from bevplace_ros.se3 import invert, matrix_to_xyyaw, transform_points, xyyaw_to_matrix
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def test_ransac_recovers_motion_despite_70_percent_outliers(rng):

@@ -29,13 +29,7 @@ from bevplace_ros.se3 import load_kitti_poses
 DISTINCT_FRAMES = [0, 200, 340, 600, 720, 880, 1060, 1760, 1900, 2080, 2220, 2660]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two OpenMP threads on two cores shared with other jobs run ~3x slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from bevplace_ros.bev import make_bev
 from bevplace_ros.datasets.bev_images import BEVDatasetError, BEVImageFolder
@@ -13,12 +12,7 @@ from bevplace_ros.models.bevplace_net import BEVPlaceNetConfig, build_seeded_mod
 from bevplace_ros.place_recognizer import PlaceFeatures, PlaceRecognizer, PlaceRecognizerConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")
