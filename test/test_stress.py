@@ -3,7 +3,6 @@ plus the second geometric check and wrong configuration at start-up."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 
 import numpy as np
 import pytest
