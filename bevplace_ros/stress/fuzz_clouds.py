@@ -204,7 +204,9 @@ class _Fuzzer:
         return r
 
     def _settled(self) -> bool:
-        return self.place.idle() and self.registration.idle() and self.graph.keyframes_handled >= self.place.keyframes_published
+        # The harness's own keyframe subscription must have caught up too, or the count races delivery.
+        return (self.place.idle() and self.registration.idle() and self.graph.keyframes_handled >= self.place.keyframes_published
+                and len(self.keyframe_stamps) >= self.place.keyframes_published)
 
     def _send_cloud(self, cloud, direct: bool = False) -> None:
         handled = self.place.clouds_handled
