@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from bevplace_ros.device import DEVICE_CHOICES
+
 HELP = "per-stage registration latency (ms per pair) and parameter count; prints a table, writes JSON"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("out/registration/benchmark.json"))
     parser.add_argument("--weights", default=None, help="RoITr-lite weights (default: the shipped file)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--kitti", type=Path, default=Path(__file__).resolve().parents[3] / "shared/data/kitti_scans")

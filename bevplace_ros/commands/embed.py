@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from bevplace_ros.device import DEVICE_CHOICES
+
 HELP = "write one float32 BEVPlace descriptor per frame (frame order) to a .npy file"
 
 
@@ -16,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", default=str(DEFAULT_PLACE_WEIGHTS), help="checkpoint ('random': untrained seeded network)")
     parser.add_argument("--rotations", type=int, default=8)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
 
 
 def run(args: argparse.Namespace) -> int:

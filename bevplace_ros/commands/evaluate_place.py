@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from bevplace_ros.device import DEVICE_CHOICES
+
 HELP = "evaluate place recognition (Recall@1, Recall@1%, PR/F1max) against Scan Context and untrained weights"
 
 METHODS = ("bevplace", "random", "scan_context")
@@ -29,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("out/eval_place"), help="folder for results.json and PNG plots")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     parser.add_argument("--seed", type=int, default=0, help="seed of the untrained 'random' weights")
 
 

@@ -37,10 +37,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def replay_and_report(bag: Path, args: argparse.Namespace) -> int:
+    from bevplace_ros.atomic_io import atomic_write_bytes
     from bevplace_ros.evaluation.loop_report import format_report, plot_run
     from bevplace_ros.nodes.bag_replay import ReplayOptions, replay
     from bevplace_ros.nodes.config_file import default_params_file
-    from bevplace_ros.atomic_io import atomic_write_bytes
 
     run_dir = args.out / time.strftime("run-%Y%m%d-%H%M%S")
     options = ReplayOptions(
@@ -60,7 +60,11 @@ def replay_and_report(bag: Path, args: argparse.Namespace) -> int:
 
 def summarize_run(options, result) -> tuple[dict, dict, list]:
     """(summary, ground truth by keyframe, loop outcomes) of a finished replay."""
-    from bevplace_ros.evaluation.loop_report import judge_loops, revisiting_keyframes, summarize
+    from bevplace_ros.evaluation.loop_report import (
+        judge_loops,
+        revisiting_keyframes,
+        summarize,
+    )
 
     gt = _ground_truth(options.bag, result.keyframe_stamps, options.points_topic, options.odom_topic)
     outcomes = judge_loops([c[:4] for c in result.closures], gt)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from bevplace_ros.device import DEVICE_CHOICES
+
 HELP = "train the BEVPlace place-recognition network (triplet/quadruplet loss, hard-negative mining)"
 
 
@@ -36,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-limit-min", type=float, default=0.0, help="stop after the epoch that crosses this wall time (0: none)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
 
 
 def run(args: argparse.Namespace) -> int:

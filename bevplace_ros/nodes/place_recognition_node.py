@@ -17,12 +17,25 @@ from sensor_msgs.msg import PointCloud2
 from std_msgs.msg import Header
 
 from bevplace_ros.bev import BEVConfig
+from bevplace_ros.device import DEVICE_CHOICES
 from bevplace_ros.keyframe_selector import KeyframeSelector, KeyframeSelectorConfig
 from bevplace_ros.loop_detector import Candidate, DetectedKeyframe, LoopDetectorConfig
 from bevplace_ros.msg import Keyframe, LoopCandidate
-from bevplace_ros.nodes.conversions import ns_to_stamp, pose_to_matrix, pose_with_covariance, stamp_to_ns, xyzi_cloud
+from bevplace_ros.nodes.conversions import (
+    ns_to_stamp,
+    pose_to_matrix,
+    pose_with_covariance,
+    stamp_to_ns,
+    xyzi_cloud,
+)
 from bevplace_ros.nodes.map_services import serve_save_load
-from bevplace_ros.nodes.parameters import ParamSpec, config_from_params, declare_parameters, specs_from_config, updated_config
+from bevplace_ros.nodes.parameters import (
+    ParamSpec,
+    config_from_params,
+    declare_parameters,
+    specs_from_config,
+    updated_config,
+)
 from bevplace_ros.nodes.worker import LatestWorker
 from bevplace_ros.odometry_buffer import OdometryBuffer, OdometryLookupError
 from bevplace_ros.place_map import PlaceMap, PlaceMapConfig, PlaceMapError
@@ -46,7 +59,7 @@ PARAMS = [
         "bev_in_memory": ("BEV images kept in RAM for the 3-DoF guess; older ones spill or are dropped.", 1, 10_000_000),
     }, runtime=False),
     ParamSpec("place.weights", PlaceMapConfig.weights, "BEVPlace weights (.pt); empty = the shipped weights.", runtime=False),
-    ParamSpec("place.device", PlaceMapConfig.device, "Torch device for the network.", choices=("auto", "cpu", "cuda"), runtime=False),
+    ParamSpec("place.device", PlaceMapConfig.device, "Torch device for the network.", choices=DEVICE_CHOICES, runtime=False),
     ParamSpec("place.spill_dir", PlaceMapConfig.spill_dir, "Folder for spilled BEV images; empty drops the oldest instead.", runtime=False),
     *specs_from_config(KeyframeSelectorConfig, "keyframe.", {
         "min_distance": ("New keyframe after this much travel [m]; 0 disables.", 0.0, 1000.0),

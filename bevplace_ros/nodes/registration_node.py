@@ -11,6 +11,7 @@ from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from std_msgs.msg import Float64MultiArray
 
+from bevplace_ros.device import DEVICE_CHOICES
 from bevplace_ros.keyframe_store import KeyframeStoreConfig, KeyframeStoreError
 from bevplace_ros.loop_verifier import LoopVerifier, LoopVerifierConfig, UnknownKeyframe
 from bevplace_ros.msg import Keyframe, LoopCandidate, LoopClosure, PoseGraphEdge
@@ -26,7 +27,7 @@ from bevplace_ros.se3 import xyyaw_to_matrix
 
 PARAMS = [
     ParamSpec("registration.weights", "", "Registration network weights (.pt); empty = the shipped weights.", runtime=False),
-    ParamSpec("registration.device", RegistrationConfig.device, "Torch device for the matcher.", choices=("auto", "cpu", "cuda"), runtime=False),
+    ParamSpec("registration.device", RegistrationConfig.device, "Torch device for the matcher.", choices=DEVICE_CHOICES, runtime=False),
     ParamSpec("registration.use_network", RegistrationConfig.use_network, "Learned RoITr-lite matcher (true) or FPFH + RANSAC (false, the better of the two with the shipped weights).", runtime=False),
     ParamSpec("registration.classical_fallback", RegistrationConfig.classical_fallback, "With the network: retry a rejected pair with FPFH + RANSAC.", runtime=False),
     ParamSpec("registration.refine", RefineConfig.enabled, "Refine the coarse pose with small_gicp GICP.", runtime=False),
