@@ -8,11 +8,12 @@ import pytest
 
 from bevplace_ros.bev import BEVConfig, BEVError, make_bev
 from bevplace_ros.datasets.bev_images import BEVImageFolder
+from bevplace_ros.datasets.kitti import read_kitti_scan
 from bevplace_ros.se3 import transform_points, xyyaw_to_matrix
 
 
 def _scan(shared_data, frame: int = 0) -> np.ndarray:
-    return np.fromfile(shared_data / "kitti_scans" / f"{frame:06d}.bin", dtype=np.float32).reshape(-1, 4)
+    return read_kitti_scan(shared_data / "kitti_scans" / f"{frame:06d}.bin")
 
 
 def _ncc(a: np.ndarray, b: np.ndarray) -> np.ndarray:

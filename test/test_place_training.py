@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bevplace_ros.bev import BEVConfig
+from bevplace_ros.models.bevplace_net import BEVPlaceNetConfig, build_seeded_model
 from bevplace_ros.models.checkpoint import (
     DEFAULT_PLACE_WEIGHTS,
     CheckpointError,
@@ -35,6 +36,8 @@ def test_sequence_spec_parsing():
     spec = SequenceSpec.parse("data/kitti_bev/00@0:3000")
     assert (spec.path, spec.start, spec.end) == (Path("data/kitti_bev/00"), 0, 3000)
     assert SequenceSpec.parse("x@5:").end is None and SequenceSpec.parse("x").start == 0
+    stepped = SequenceSpec.parse("x@0:3000:3")
+    assert (stepped.end, stepped.step, str(stepped)) == (3000, 3, "x@0:3000:3")
     with pytest.raises(PlaceDataError, match="END"):
         SequenceSpec.parse("x@5:3")
 
@@ -56,6 +59,9 @@ def test_load_sequence_renders_once_and_reads_the_cache(tmp_path, rng):
     first = load_sequence(f"{data}@1:5", cache_dir=tmp_path / "cache")
     assert first.images.dtype == np.uint8 and first.images.shape == (4, 151, 151)
     np.testing.assert_array_equal(first.frame_ids, [1, 2, 3, 4])
+    every_other = load_sequence(f"{data}@1:5:2", cache_dir=tmp_path / "cache2")
+    np.testing.assert_array_equal(every_other.frame_ids, [1, 3])
+    np.testing.assert_array_equal(every_other.images, first.images[::2])
     np.testing.assert_allclose(first.positions[:, 0], [2, 4, 6, 8])
     assert len(list((tmp_path / "cache").glob("*/images.npy"))) == 1
     for scan in (data / "velodyne").glob("*.bin"):  # emptied in place: the cache must answer, not the scans
@@ -160,6 +166,35 @@ def test_tiny_training_is_deterministic_and_resumes(tmp_path, rng):
     b = load_checkpoint(tmp_path / "split" / "epoch_002.pt").state_dict()
     for key in a:
         torch.testing.assert_close(a[key], b[key], msg=f"resume diverged at {key}")
+
+
+def test_frozen_backbone_trains_netvlad_only_from_the_feature_bank(tmp_path, rng):
+    train, val = _toy_sequences(rng)
+    mining = MiningConfig(negatives=2, queries_per_epoch=6, pool_size=24)
+    cfg = PlaceTrainConfig(epochs=2, batch_tuples=2, clusters=4, kmeans_images=8, eval_rotations=2, train_rotations=2, val_exclude_recent=4,
+                           encode_batch=8, device="cpu", mining=mining, train_backbone=False, bank_views=3, lr=1e-2)
+    model, history = train_place(train, val, cfg, tmp_path / "frozen", progress=lambda m: None)
+    assert all(h.tuples > 0 and np.isfinite(h.loss) for h in history)
+    start = load_checkpoint(tmp_path / "frozen" / "epoch_001.pt").state_dict()
+    seeded = build_seeded_model(BEVPlaceNetConfig(rotations=2, clusters=4), seed=cfg.seed).state_dict()
+    for key, value in model.state_dict().items():
+        if key.startswith("backbone."):
+            torch.testing.assert_close(value, seeded[key], msg=f"{key} moved")
+    assert any(not torch.equal(value, start[key]) for key, value in load_checkpoint(tmp_path / "frozen" / "epoch_002.pt").state_dict().items()
+               if key.startswith("vlad.")), "NetVLAD did not learn"
+
+
+def test_feature_bank_view_zero_is_the_networks_own_output(rng):
+    from bevplace_ros.training.feature_bank import FeatureBank
+
+    model = build_seeded_model(BEVPlaceNetConfig(rotations=2, clusters=4))
+    images = (rng.random((3, 24, 24)) * 255).astype(np.uint8)
+    bank = FeatureBank.build(model, images, 2, lambda x: torch.flip(x, (3,)), 2, torch.device("cpu"))
+    with torch.no_grad():
+        local, desc = model(torch.from_numpy(images.astype(np.float32) / 255.0)[:, None])
+    torch.testing.assert_close(bank.local(np.arange(3)), local, atol=2e-3, rtol=2e-3)  # float16 storage
+    np.testing.assert_allclose(bank.descriptors(model, torch.device("cpu")), desc.numpy(), atol=2e-3)
+    assert not torch.allclose(bank.local(np.arange(3), np.ones(3)), bank.local(np.arange(3)))
 
 
 def test_config_validation_names_the_field():

@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from bevplace_ros.datasets.kitti import read_kitti_scan
 from bevplace_ros.registration.preprocess import PreprocessConfig, prepare_cloud
 from bevplace_ros.registration.training import circle_loss, patch_overlap
 from bevplace_ros.se3 import invert, make_transform, random_rotation, transform_points
 
 
 def test_patch_overlap_of_a_moved_copy_is_its_own_diagonal(shared_data, rng):
-    scan = np.fromfile(shared_data / "kitti_scans" / "000000.bin", dtype=np.float32).reshape(-1, 4)
+    scan = read_kitti_scan(shared_data / "kitti_scans" / "000000.bin")
     arrays = prepare_cloud(scan, PreprocessConfig()).arrays()
     T = make_transform(random_rotation(rng), np.array([3.0, -2.0, 0.5]))
     moved = dict(arrays, fine_points=transform_points(T, arrays["fine_points"]),

@@ -34,6 +34,7 @@ def test_fuzzed_messages_never_stop_the_nodes_or_the_good_scans(drive):
     assert report.good_processed == report.good_sent >= 5
     for reason in ("malformed", "too few points", "stamp", "frame", "no odometry"):
         assert report.skipped.get(reason, 0) >= 1, (reason, report.skipped)
+    assert "error" not in report.skipped, report.skip_details  # every bad input has a named reason, not an unexpected exception
 
 
 def test_big_endian_cloud_decodes_to_the_same_points(drive):
@@ -80,6 +81,7 @@ def test_memory_stays_within_the_configured_bounds(drive):
     assert report.clouds_in_memory_max == 30 and report.clouds_on_disk_max == 60
     assert report.graph_keyframes == 600
     assert abs(report.slope(cfg.warmup_share)[1]) < 0.10, report.samples
+    assert 0 < report.graph_kib_per_keyframe(cfg.warmup_share) < cfg.graph_kib_per_keyframe, report.graph_samples
 
 
 def test_pose_graph_survives_a_long_loop_free_chain():

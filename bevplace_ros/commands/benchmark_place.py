@@ -55,7 +55,9 @@ def _decode_stage(scan_path: Path, repeats: int) -> tuple[dict, np.ndarray]:
 
     from bevplace_ros.pointcloud2 import pack_points, read_points_numpy
 
-    raw = np.fromfile(scan_path, dtype=np.float32).reshape(-1, 4)
+    from bevplace_ros.datasets.kitti import read_kitti_scan
+
+    raw = read_kitti_scan(scan_path)
     structured = np.rec.fromarrays(raw.T, names="x,y,z,intensity")
     fields, data, step = pack_points(structured)
     cloud = SimpleNamespace(header=None, height=1, width=len(raw), fields=fields, is_bigendian=False, point_step=step, row_step=step * len(raw), data=data, is_dense=False)

@@ -29,14 +29,14 @@ def run(args: argparse.Namespace) -> int:
     import json
     import os
 
-    import numpy as np
     import torch
 
     from bevplace_ros.atomic_io import atomic_write_bytes
+    from bevplace_ros.datasets.kitti import read_kitti_scan
     from bevplace_ros.registration import Registrar, RegistrationConfig
     from bevplace_ros.registration.model import count_parameters
 
-    scans = [np.fromfile(args.kitti / f"{i:06d}.bin", dtype=np.float32).reshape(-1, 4) for i in (0, 5, 15)]
+    scans = [read_kitti_scan(args.kitti / f"{i:06d}.bin") for i in (0, 5, 15)]
     report: dict = {"device": args.device, "torch_threads": args.threads, "cpu_count": os.cpu_count()}
     for name, use_network in (("roitr_lite", True), ("fpfh_ransac", False)):
         cfg = RegistrationConfig(use_network=use_network, classical_fallback=False, device=args.device,

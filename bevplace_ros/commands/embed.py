@@ -13,7 +13,7 @@ HELP = "write one float32 BEVPlace descriptor per frame (frame order) to a .npy 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from bevplace_ros.models.checkpoint import DEFAULT_PLACE_WEIGHTS
 
-    parser.add_argument("dataset", metavar="DATASET[@START:END]", help="rosbag2, KITTI-style (velodyne/*.bin) or BEV image folder (imgs/ + pose.txt)")
+    parser.add_argument("dataset", metavar="DATASET[@START:END[:STEP]]", help="rosbag2, KITTI-style (velodyne/*.bin) or BEV image folder (imgs/ + pose.txt)")
     parser.add_argument("--out", type=Path, required=True, help="output .npy, shape (frames, descriptor dim)")
     parser.add_argument("--weights", default=str(DEFAULT_PLACE_WEIGHTS), help="checkpoint ('random': untrained seeded network)")
     parser.add_argument("--rotations", type=int, default=8)

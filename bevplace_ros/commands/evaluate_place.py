@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from bevplace_ros.models.checkpoint import DEFAULT_PLACE_WEIGHTS
     from bevplace_ros.training.place_dataset import DEFAULT_CACHE_DIR
 
-    parser.add_argument("datasets", nargs="+", metavar="DATASET[@START:END]", help="sequences with ground truth (rosbag2, KITTI-style or BEV image folder)")
+    parser.add_argument("datasets", nargs="+", metavar="DATASET[@START:END[:STEP]]", help="sequences with ground truth (rosbag2, KITTI-style or BEV image folder)")
     parser.add_argument("--weights", default=str(DEFAULT_PLACE_WEIGHTS), help="trained checkpoint of the 'bevplace' method")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="'random': same network, untrained seeded weights")
     parser.add_argument("--rotations", type=int, default=8, help="rotation group size at inference")
@@ -51,8 +51,10 @@ def _split(seq_name: str, frames: int, override: str | None) -> tuple[int, int]:
 
 
 def _network_descriptors(seq, spec, args, weights: str):
-    """Descriptors cached per (sequence, weights content, rotations): re-plotting costs no encoding."""
+    """Descriptors cached per (sequence, weights content, network code, rotations): re-plotting costs no encoding."""
     import hashlib
+
+    import bevplace_ros.models as models
 
     import torch
 
@@ -62,7 +64,8 @@ def _network_descriptors(seq, spec, args, weights: str):
     from bevplace_ros.training.place_trainer import encode
 
     tag = f"random-{args.seed}" if weights == "random" else hashlib.sha1(Path(weights).read_bytes()).hexdigest()[:16]
-    key = f"{sequence_cache_key(spec)}-desc-{tag}-r{args.rotations}"
+    code = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(Path(models.__file__).parent.glob("*.py")))).hexdigest()[:8]
+    key = f"{sequence_cache_key(spec)}-desc-{tag}-{code}-r{args.rotations}"
 
     def compute():
         device = resolve_device(args.device)

@@ -80,6 +80,7 @@ def _kitti(root: Path, methods, net, yaws: int, gate: float) -> dict:
     """Real scans 0/5/15 of KITTI 00 from random initial yaws, against GICP refined from the true pose."""
     import numpy as np
 
+    from bevplace_ros.datasets.kitti import read_kitti_scan
     from bevplace_ros.registration.refine import gicp_refine
     from bevplace_ros.se3 import (
         invert,
@@ -92,7 +93,7 @@ def _kitti(root: Path, methods, net, yaws: int, gate: float) -> dict:
     )
 
     poses = load_kitti_poses(str(root / "poses.txt"))
-    scans = [np.fromfile(root / f"{i:06d}.bin", dtype=np.float32).reshape(-1, 4) for i in (0, 5, 15)]
+    scans = [read_kitti_scan(root / f"{i:06d}.bin") for i in (0, 5, 15)]
     rng = np.random.default_rng(7)
     rows: dict[str, list[dict]] = {name: [] for name in methods}
     for a, b in ((0, 1), (0, 2), (1, 2)):

@@ -61,7 +61,7 @@ def fuzz_part(small: bool, seed: int) -> dict:
     passed = r.nodes_alive == 3 and r.good_processed == r.good_sent
     return {"passed": passed, "messages_tried": r.tried, "nodes_alive": r.nodes_alive, "good_sent": r.good_sent,
             "good_processed": r.good_processed, "huge_cloud_s": r.huge_seconds, "huge_outcome": r.huge_outcome,
-            "skipped": r.skipped, "per_kind": r.per_kind}
+            "skipped": r.skipped, "skip_details": r.skip_details, "per_kind": r.per_kind}
 
 
 def loops_part(small: bool, seed: int) -> dict:
@@ -82,10 +82,14 @@ def memory_part(small: bool, seed: int) -> dict:
     scan = _scans(beams=16)
     r = run_long(cfg, lambda k: scan(k)[:, :3])
     slope, growth = r.slope(cfg.warmup_share)
+    graph_kib = r.graph_kib_per_keyframe(cfg.warmup_share)
     within = (r.database_max <= cfg.max_database and r.bev_in_memory_max <= cfg.bev_in_memory
               and r.clouds_in_memory_max <= cfg.clouds_in_memory and r.clouds_on_disk_max <= cfg.clouds_on_disk)
-    return {"passed": within and abs(growth) <= 0.10, "keyframes": r.keyframes, "peak_rss_mib": r.peak_rss_mib,
+    graph_ok = r.graph_keyframes == r.keyframes and graph_kib <= cfg.graph_kib_per_keyframe
+    return {"passed": within and abs(growth) <= 0.10 and graph_ok, "keyframes": r.keyframes, "peak_rss_mib": r.peak_rss_mib,
             "rss_slope_mib_per_1000_keyframes": slope, "rss_growth_after_warmup": growth, "bounds_respected": within,
+            "graph_keyframes": r.graph_keyframes, "graph_peak_rss_mib": max(m for _, m in r.graph_samples),
+            "graph_kib_per_keyframe": graph_kib, "graph_samples": r.graph_samples,
             "database_max": r.database_max, "bev_in_memory_max": r.bev_in_memory_max, "clouds_in_memory_max": r.clouds_in_memory_max,
             "clouds_on_disk_max": r.clouds_on_disk_max, "config": asdict(cfg), "samples": r.samples}
 
@@ -119,9 +123,10 @@ def format_part(part: str, f: dict) -> str:
                 f"second check {f['false_passing_both_checks']}; ATE odometry {f['ate_odometry_m']:.2f} m, change vs clean "
                 f"{f['ate_change']:+.1%} [{f['seconds']} s]\n{rows}")
     if part == "memory":
-        return (f"[{status}] memory: {f['keyframes']} keyframes, peak RSS {f['peak_rss_mib']:.0f} MiB, slope after warm-up "
-                f"{f['rss_slope_mib_per_1000_keyframes']:+.2f} MiB/1000 keyframes ({f['rss_growth_after_warmup']:+.1%}), "
-                f"bounds respected: {f['bounds_respected']} [{f['seconds']} s]")
+        return (f"[{status}] memory: {f['keyframes']} keyframes, bounded state: peak RSS {f['peak_rss_mib']:.0f} MiB, slope after "
+                f"warm-up {f['rss_slope_mib_per_1000_keyframes']:+.2f} MiB/1000 keyframes ({f['rss_growth_after_warmup']:+.1%}), "
+                f"bounds respected: {f['bounds_respected']}; pose-graph process: {f['graph_keyframes']} keyframes, peak RSS "
+                f"{f['graph_peak_rss_mib']:.0f} MiB, {f['graph_kib_per_keyframe']:.1f} KiB/keyframe [{f['seconds']} s]")
     return (f"[{status}] saves: {f['kills']} SIGKILLs during {f['saves_completed']} completed save rounds, "
             f"{f['intact_loads']}/{f['kills']} intact loads, {f['tmp_leftovers']} orphaned .tmp files; bad files refused "
             f"{sum(not m.startswith('LOADED') for m in f['bad_file_errors'].values())}/{len(f['bad_file_errors'])}, "

@@ -14,10 +14,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from bevplace_ros.models.checkpoint import DEFAULT_PLACE_WEIGHTS
     from bevplace_ros.training.place_dataset import DEFAULT_CACHE_DIR
 
-    parser.add_argument("datasets", nargs="+", metavar="DATASET[@START:END]",
+    parser.add_argument("datasets", nargs="+", metavar="DATASET[@START:END[:STEP]]",
                         help="rosbag2 folder, KITTI-style folder (velodyne/*.bin + poses.txt) or BEV image folder (imgs/ + pose.txt); "
-                             "@START:END keeps frames [START, END), e.g. kitti_bev/00@0:3000")
-    parser.add_argument("--val", nargs="*", default=[], metavar="DATASET[@START:END]", help="validation sequences (loop Recall@1 each epoch)")
+                             "@START:END[:STEP] keeps frames [START, END), every STEP-th, e.g. kitti_bev/00@0:3000:3")
+    parser.add_argument("--val", nargs="*", default=[], metavar="DATASET[@START:END[:STEP]]", help="validation sequences (loop Recall@1 each epoch)")
     parser.add_argument("--out", type=Path, default=DEFAULT_PLACE_WEIGHTS, help="weights to write (best validation epoch)")
     parser.add_argument("--work-dir", type=Path, default=Path("out/train_place"), help="per-epoch checkpoints and resume state")
     parser.add_argument("--resume", action="store_true", help="continue from the last epoch in --work-dir")
@@ -34,6 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=4, help="tuples per optimiser step")
     parser.add_argument("--train-rotations", type=int, default=1)
     parser.add_argument("--val-rotations", type=int, default=2)
+    parser.add_argument("--freeze-backbone", action="store_true",
+                        help="keep the seeded CNN fixed and train NetVLAD only, on local features computed once per view (fast on a CPU); "
+                             "validation then runs at --train-rotations")
+    parser.add_argument("--bank-views", type=int, default=2, help="with --freeze-backbone: views per frame, the first unaltered, the others augmented")
     parser.add_argument("--max-shift", type=float, default=1.5, help="metres of random translation augmentation")
     parser.add_argument("--time-limit-min", type=float, default=0.0, help="stop after the epoch that crosses this wall time (0: none)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
@@ -63,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = PlaceTrainConfig(
             epochs=args.epochs, lr=args.lr, loss=args.loss, margin=args.margin, margin2=args.margin / 2, batch_tuples=args.batch,
             train_rotations=args.train_rotations, val_rotations=args.val_rotations, seed=args.seed, device=args.device,
-            time_limit_min=args.time_limit_min, augment=AugmentConfig(max_shift_m=args.max_shift),
+            time_limit_min=args.time_limit_min, train_backbone=not args.freeze_backbone, bank_views=args.bank_views, augment=AugmentConfig(max_shift_m=args.max_shift),
             mining=MiningConfig(pos_radius_m=args.pos_radius, neg_radius_m=args.neg_radius, negatives=args.negatives,
                                 queries_per_epoch=args.queries, pool_size=args.pool),
         )

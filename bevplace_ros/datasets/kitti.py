@@ -37,10 +37,15 @@ def read_kitti(path: str | Path, scan_period_s: float = 0.1) -> Iterator[Frame]:
     return _frames(scans, numbers, times, poses)
 
 
+def read_kitti_scan(path: str | Path) -> np.ndarray:
+    """(N, 4) float32 x, y, z, intensity of one KITTI .bin scan (little-endian float32 quadruples)."""
+    scan = Path(path)
+    size = scan.stat().st_size
+    if size % 16:
+        raise DatasetError(f"{scan}: {size} bytes is not a whole number of (x, y, z, intensity) float32 points")
+    return np.fromfile(scan, dtype="<f4").reshape(-1, 4).astype(np.float32, copy=False)
+
+
 def _frames(scans: list[Path], numbers: np.ndarray, times: np.ndarray, poses: np.ndarray | None) -> Iterator[Frame]:
     for index, scan in enumerate(scans):
-        size = scan.stat().st_size
-        if size % 16:
-            raise DatasetError(f"{scan}: {size} bytes is not a whole number of (x, y, z, intensity) float32 points")
-        raw = np.fromfile(scan, dtype="<f4")
-        yield Frame(int(numbers[index]), float(times[index]), raw.reshape(-1, 4).astype(np.float32, copy=False), None if poses is None else poses[index])
+        yield Frame(int(numbers[index]), float(times[index]), read_kitti_scan(scan), None if poses is None else poses[index])

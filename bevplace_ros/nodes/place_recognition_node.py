@@ -74,7 +74,9 @@ PARAMS = [
         "max_odom_distance": ("Skip candidates farther apart in odometry than this [m]; 0 disables (drift can be large).", 0.0, 1e6),
     }),
     ParamSpec("keyframe_cloud_voxel", 0.4, "Voxel of the cloud carried by the Keyframe message [m].", 0.05, 5.0, runtime=False),
-    ParamSpec("min_points", 500, "Scans with fewer finite points are skipped with a warning.", 1, 10_000_000),
+    ParamSpec("max_range", 300.0, "Points farther than this from the sensor are dropped as garbage [m] (no LiDAR sees beyond).",
+              1.0, 100_000.0),
+    ParamSpec("min_points", 500, "Scans with fewer finite points within max_range are skipped with a warning.", 1, 10_000_000),
     ParamSpec("max_points", 300_000, "Larger scans are thinned to this many points by an even stride (bounds the time per scan).",
               1000, 100_000_000),
     ParamSpec("odom_max_gap", 0.5, "Largest stamp gap to interpolate odometry across [s].", 0.001, 60.0, runtime=False),
@@ -110,6 +112,7 @@ class PlaceRecognitionNode(Node):
         self.keyframes_published = 0
         self.candidates_published = 0
         self.skipped: dict[str, int] = {}
+        self.last_skip: dict[str, str] = {}  # reason -> detail of its latest scan (what a throttled warning may not show)
         self.latency_ms: deque[float] = deque(maxlen=10000)  # BEV + descriptor + retrieval + BEV pose, per keyframe
         reliable = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
         self.keyframe_pub = self.create_publisher(Keyframe, "keyframes", reliable)
@@ -165,6 +168,7 @@ class PlaceRecognitionNode(Node):
 
     def _skip(self, reason: str, detail: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        self.last_skip[reason] = detail
         self.get_logger().warn(f"scan skipped ({reason}, {self.skipped[reason]} so far): {detail}", throttle_duration_sec=5.0)
 
     def _on_odometry(self, msg: Odometry) -> None:
@@ -204,8 +208,9 @@ class PlaceRecognitionNode(Node):
             points = xyz_intensity(msg)
         except PointCloud2Error as err:
             return self._skip("malformed", str(err))
+        points = points[np.einsum("ij,ij->i", points[:, :3], points[:, :3]) <= self.params["max_range"] ** 2]
         if len(points) < self.params["min_points"]:
-            return self._skip("too few points", f"{len(points)} finite points, min_points={self.params['min_points']}")
+            return self._skip("too few points", f"{len(points)} finite points within max_range, min_points={self.params['min_points']}")
         if len(points) > self.params["max_points"]:
             points = points[np.linspace(0, len(points) - 1, self.params["max_points"]).astype(np.int64)]
         try:

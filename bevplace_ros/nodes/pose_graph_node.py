@@ -35,7 +35,7 @@ GRAPH_DOCS = {
     "max_loop_rotation_deg": ("Sanity cap: loop-vs-estimate rotation disagreement beyond the odometry uncertainty [deg].", 0.01, 360.0),
     "loop_gate_sigmas": ("Odometry-chain sigmas added to the sanity caps.", 0.0, 100.0),
     "relinearize_threshold": ("iSAM2 relinearisation threshold (tangent-space change).", 1e-6, 10.0),
-    "relinearize_skip": ("iSAM2: check relinearisation every this many updates.", 1, 100),
+    "relinearize_skip": ("iSAM2: check relinearisation every this many odometry updates (loops always relinearise).", 1, 100),
     "loop_extra_updates": ("Extra iSAM2 iterations after each loop.", 0, 100),
 }
 

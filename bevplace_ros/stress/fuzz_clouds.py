@@ -44,6 +44,7 @@ class FuzzReport:
     good_processed: int = 0  # good scans that became keyframes and reached the pose graph
     nodes_alive: int = 0
     skipped: dict[str, int] = field(default_factory=dict)  # place node's skip counters
+    skip_details: dict[str, str] = field(default_factory=dict)  # the latest detail of each skip reason
     huge_seconds: list[float] = field(default_factory=list)  # node time per 2M-point cloud
     huge_outcome: list[str] = field(default_factory=list)
     wall_s: float = 0.0
@@ -200,6 +201,7 @@ class _Fuzzer:
         r.good_processed = sum(s in self.keyframe_stamps for s in good_stamps) if self.graph.keyframes_handled >= self.place.keyframes_published else 0
         r.nodes_alive = sum(n.worker._thread.is_alive() for n in (self.place, self.registration)) + int(self.graph.keyframes_handled >= self.place.keyframes_published)
         r.skipped = dict(self.place.skipped)
+        r.skip_details = dict(self.place.last_skip)
         r.wall_s = time.perf_counter() - start
         return r
 

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from bevplace_ros.datasets.frames import Frame
 
 DEFAULT_CACHE_DIR = Path(".cache") / "place"
-_SPEC = re.compile(r"^(?P<path>.+?)(?:@(?P<start>\d*):(?P<end>\d*))?$")
+_SPEC = re.compile(r"^(?P<path>.+?)(?:@(?P<start>\d*):(?P<end>\d*)(?::(?P<step>\d+))?)?$")
 
 
 class PlaceDataError(ValueError):
@@ -33,15 +33,17 @@ class PlaceDataError(ValueError):
 
 @dataclass(frozen=True)
 class SequenceSpec:
-    """A data set and the half-open frame range [start, end) used from it (end None: to the last)."""
+    """A data set and the half-open frame range [start, end) used from it (end None: to the last),
+    every `step`-th frame (frames ~1 m apart are near-duplicates for training)."""
 
     path: Path
     start: int = 0
     end: int | None = None
+    step: int = 1
 
     @classmethod
     def parse(cls, text: str) -> SequenceSpec:
-        """'PATH' or 'PATH@START:END' (either bound may be empty), e.g. kitti_bev/00@0:3000."""
+        """'PATH' or 'PATH@START:END[:STEP]' (either bound may be empty), e.g. kitti_bev/00@0:3000 or kitti_bev/00@0:3000:3."""
         match = _SPEC.match(text)
         if not match:
             raise PlaceDataError(f"data set spec {text!r}: expected PATH or PATH@START:END")
@@ -49,12 +51,15 @@ class SequenceSpec:
         end = int(match["end"]) if match["end"] else None
         if end is not None and end <= start:
             raise PlaceDataError(f"data set spec {text!r}: END ({end}) must be > START ({start})")
-        return cls(Path(match["path"]), start, end)
+        step = int(match["step"]) if match["step"] else 1
+        if step < 1:
+            raise PlaceDataError(f"data set spec {text!r}: STEP must be >= 1")
+        return cls(Path(match["path"]), start, end, step)
 
     def __str__(self) -> str:
-        if self.start == 0 and self.end is None:
+        if self.start == 0 and self.end is None and self.step == 1:
             return str(self.path)
-        return f"{self.path}@{self.start}:{'' if self.end is None else self.end}"
+        return f"{self.path}@{self.start}:{'' if self.end is None else self.end}" + (f":{self.step}" if self.step > 1 else "")
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,7 @@ def sequence_cache_key(spec: SequenceSpec, bev: BEVConfig = BEVConfig()) -> str:
     """Changes whenever the source files, the frame range or the rasterisation changes."""
     root = spec.path.resolve()
     stamp = max((p.stat().st_mtime_ns for p in (root, *root.iterdir())), default=0) if root.is_dir() else root.stat().st_mtime_ns
-    text = json.dumps({"path": str(root), "mtime": stamp, "start": spec.start, "end": spec.end, "bev": asdict(bev)}, sort_keys=True)
+    text = json.dumps({"path": str(root), "mtime": stamp, "start": spec.start, "end": spec.end, "step": spec.step, "bev": asdict(bev)}, sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
@@ -106,11 +111,11 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def frames_in_range(spec: SequenceSpec) -> Iterator[Frame]:
-    """Frames [start, end) of a rosbag2 / KITTI folder, in data-set order."""
+    """Frames [start, end) (every step-th) of a rosbag2 / KITTI folder, in data-set order."""
     from bevplace_ros.datasets.frames import open_dataset
 
     for position, frame in enumerate(open_dataset(spec.path)):
-        if position >= spec.start:
+        if position >= spec.start and (position - spec.start) % spec.step == 0:
             if spec.end is not None and position >= spec.end:
                 return
             yield frame
@@ -143,7 +148,7 @@ def iter_bev_images(spec: SequenceSpec, bev: BEVConfig = BEVConfig()) -> Iterato
         yield from (make_bev(frame.points, bev) for frame in frames_in_range(spec))
         return
     folder = BEVImageFolder(spec.path)
-    for i in range(spec.start, len(folder) if spec.end is None else min(spec.end, len(folder))):
+    for i in range(spec.start, len(folder) if spec.end is None else min(spec.end, len(folder)), spec.step):
         image = folder.image(i)
         if image.shape != (bev.size, bev.size):
             raise PlaceDataError(f"{spec.path}: images are {image.shape}, this BEVConfig makes {bev.size}x{bev.size}")
@@ -156,7 +161,7 @@ def _read_bev_folder(spec: SequenceSpec, bev: BEVConfig) -> tuple[np.ndarray, np
 
     folder = BEVImageFolder(spec.path)
     end = len(folder) if spec.end is None else min(spec.end, len(folder))
-    ids = np.arange(spec.start, end, dtype=np.int64)
+    ids = np.arange(spec.start, end, spec.step, dtype=np.int64)
     if not len(ids):
         raise PlaceDataError(f"{spec}: no frames in the requested range (folder has {len(folder)})")
     images = np.round(folder.images(ids) * 255.0).astype(np.uint8)  # exact inverse of bev_from_uint8

@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from bevplace_ros.models.bevplace_net import (
     rotation_thetas,
 )
 from bevplace_ros.models.checkpoint import load_checkpoint, save_checkpoint
+from bevplace_ros.training.feature_bank import FeatureBank
 from bevplace_ros.training.losses import LOSSES, quadruplet_loss, triplet_loss
 from bevplace_ros.training.mining import (
     MiningConfig,
@@ -78,11 +80,16 @@ class PlaceTrainConfig:
     seed: int = 0
     device: str = "auto"
     time_limit_min: float = 0.0  # >0: stop after the epoch that crosses it (checkpoints stay resumable)
+    # False: keep the seeded backbone fixed and train NetVLAD only, on a FeatureBank of `bank_views`
+    # views per frame (the first unaltered) at train_rotations; validation then runs at train_rotations too.
+    train_backbone: bool = True
+    bank_views: int = 2
     mining: MiningConfig = field(default_factory=MiningConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_tuples", "train_rotations", "eval_rotations", "val_rotations", "clusters", "kmeans_images", "encode_batch"):
+        for name in ("epochs", "batch_tuples", "train_rotations", "eval_rotations", "val_rotations", "clusters", "kmeans_images", "encode_batch",
+                     "bank_views"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PlaceTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.loss not in LOSSES:
@@ -166,11 +173,12 @@ def init_centroids(model: BEVPlaceNet, data: PlaceTrainingSet, cfg: PlaceTrainCo
     model.vlad.set_centroids(torch.from_numpy(kmeans.centroids).to(device))
 
 
-def validate(model: BEVPlaceNet, sequences: list[PlaceSequence], cfg: PlaceTrainConfig, device: torch.device) -> float | None:
+def validate(model: BEVPlaceNet, sequences: list[PlaceSequence], cfg: PlaceTrainConfig, device: torch.device,
+             banks: list[FeatureBank] | None = None) -> float | None:
     """Threshold-free loop Recall@1 over the revisits of the validation sequences (pooled)."""
     hits, total = 0.0, 0
-    for seq in sequences:
-        desc = encode(model, seq.images, cfg.encode_batch, device, cfg.val_rotations)
+    for k, seq in enumerate(sequences):
+        desc = banks[k].descriptors(model, device) if banks else encode(model, seq.images, cfg.encode_batch, device, cfg.val_rotations)
         directions = revisit_directions(seq.positions, seq.headings, cfg.val_exclude_recent, cfg.mining.pos_radius_m)
         recall = loop_recall_at_1(descriptor_loop_matches(desc, cfg.val_exclude_recent), seq.positions, directions, cfg.mining.pos_radius_m)
         if recall is not None:
@@ -179,12 +187,17 @@ def validate(model: BEVPlaceNet, sequences: list[PlaceSequence], cfg: PlaceTrain
     return None if total == 0 else 100.0 * hits / total
 
 
-def _step(model: BEVPlaceNet, data: PlaceTrainingSet, batch: list[Tuple], cfg: PlaceTrainConfig, device: torch.device, generator: torch.Generator) -> torch.Tensor:
+def _step(model: BEVPlaceNet, data: PlaceTrainingSet, batch: list[Tuple], cfg: PlaceTrainConfig, device: torch.device, generator: torch.Generator,
+          bank: FeatureBank | None) -> torch.Tensor:
     k = cfg.mining.negatives
     frames = np.concatenate([[t.query for t in batch], [t.positive for t in batch], np.concatenate([t.negatives for t in batch]), [t.other for t in batch]])
     if cfg.loss == "triplet":
         frames = frames[: -len(batch)]
-    _, desc = model(augment(data.tensor(frames, device), cfg.augment, generator))
+    if bank is None:
+        _, desc = model(augment(data.tensor(frames, device), cfg.augment, generator))
+    else:
+        views = torch.randint(bank.augmentations, (len(frames),), generator=generator).numpy()
+        desc = model.global_descriptor(bank.local(frames, views).to(device))
     b = len(batch)
     q, p, n = desc[:b], desc[b : 2 * b], desc[2 * b : 2 * b + b * k].view(b, k, -1)
     if cfg.loss == "triplet":
@@ -232,34 +245,37 @@ def train_place(
     if resumed is None:
         model = build_seeded_model(BEVPlaceNetConfig(rotations=cfg.eval_rotations, clusters=cfg.clusters), seed=cfg.seed).to(device)
         init_centroids(model, data, cfg, device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         model, state = resumed
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trained = [p for name, p in model.named_parameters() if cfg.train_backbone or not name.startswith("backbone.")]
+    optimizer = torch.optim.Adam(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if resumed is not None:
         optimizer.load_state_dict(state["optimizer"])
         history = [EpochReport(**h) for h in state["history"]]
         progress(f"resumed after epoch {state['epoch']} from {work_dir}")
     model.rotations = cfg.train_rotations
+    bank, val_banks = _feature_banks(model, data, val, cfg, device, progress) if not cfg.train_backbone else (None, None)
     started = time.perf_counter()
     for epoch in range(len(history) + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
         rng = np.random.default_rng([cfg.seed, epoch])
         generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         queries, pool = sample_epoch(data.graph, rng)
-        cached = encode(model, data.images[np.concatenate([queries, pool])], cfg.encode_batch, device, cfg.train_rotations)
+        frames = np.concatenate([queries, pool])
+        cached = encode(model, data.images[frames], cfg.encode_batch, device, cfg.train_rotations) if bank is None else bank.descriptors(model, device, frames)
         tuples = mine_tuples(data.graph, queries, pool, cached[: len(queries)], cached[len(queries) :], rng)
         model.train()
         model.rotations = cfg.train_rotations
         losses = []
         bar = tqdm(range(0, len(tuples), cfg.batch_tuples), desc=f"epoch {epoch}/{cfg.epochs}", unit="step", leave=False)
         for start in bar:
-            loss = _step(model, data, tuples[start : start + cfg.batch_tuples], cfg, device, generator)
+            loss = _step(model, data, tuples[start : start + cfg.batch_tuples], cfg, device, generator, bank)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
-        recall = validate(model, val, cfg, device) if val else None
+        recall = validate(model, val, cfg, device, val_banks) if val else None
         history.append(EpochReport(epoch, float(np.mean(losses)) if losses else float("nan"), len(tuples), recall, time.perf_counter() - t0))
         _save_state(work_dir, model, optimizer, history, cfg)
         shown = "n/a" if recall is None else f"{recall:.2f}"
@@ -270,6 +286,14 @@ def train_place(
     best = _best_epoch(history)
     final = load_checkpoint(work_dir / f"epoch_{best:03d}.pt", rotations=cfg.eval_rotations)
     return final, history
+
+
+def _feature_banks(model: BEVPlaceNet, data: PlaceTrainingSet, val: list[PlaceSequence], cfg: PlaceTrainConfig, device: torch.device,
+                   progress: Callable[[str], None]) -> tuple[FeatureBank, list[FeatureBank]]:
+    """Banks of the training frames (cfg.bank_views views, seeded augmentations) and validation frames (unaltered)."""
+    views = partial(augment, cfg=cfg.augment, generator=torch.Generator().manual_seed(cfg.seed * 100_003))
+    bank = FeatureBank.build(model, data.images, cfg.bank_views, views, cfg.encode_batch, device, progress)
+    return bank, [FeatureBank.build(model, s.images, 1, views, cfg.encode_batch, device) for s in val]
 
 
 def _best_epoch(history: list[EpochReport]) -> int:
