@@ -51,29 +51,32 @@ def _split(seq_name: str, frames: int, override: str | None) -> tuple[int, int]:
 
 
 def _network_descriptors(seq, spec, args, weights: str):
-    """Descriptors cached per (sequence, weights content, network code, rotations): re-plotting costs no encoding."""
+    """Descriptors of one sequence. The backbone's local features (float16) are cached per (sequence,
+    backbone weights, network code, rotations): weights that share a backbone, such as NetVLAD-only
+    training and the untrained baseline, pay for the CNN once, and re-plotting pays for nothing."""
     import hashlib
 
-    import bevplace_ros.models as models
-
+    import numpy as np
     import torch
 
+    import bevplace_ros.models as models
     from bevplace_ros.device import resolve_device
     from bevplace_ros.models.checkpoint import load_place_model
+    from bevplace_ros.training.feature_bank import FeatureBank
     from bevplace_ros.training.place_dataset import cached_arrays, sequence_cache_key
-    from bevplace_ros.training.place_trainer import encode
 
-    tag = f"random-{args.seed}" if weights == "random" else hashlib.sha1(Path(weights).read_bytes()).hexdigest()[:16]
+    device = resolve_device(args.device)
+    model = load_place_model(weights, rotations=args.rotations, seed=args.seed).to(device).eval()
+    backbone = hashlib.sha1(b"".join(t.detach().cpu().numpy().tobytes() for t in model.backbone.state_dict().values())).hexdigest()[:16]
     code = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(Path(models.__file__).parent.glob("*.py")))).hexdigest()[:8]
-    key = f"{sequence_cache_key(spec)}-desc-{tag}-{code}-r{args.rotations}"
+    key = f"{sequence_cache_key(spec)}-local-{backbone}-{code}-r{args.rotations}"
 
     def compute():
-        device = resolve_device(args.device)
-        model = load_place_model(weights, rotations=args.rotations, seed=args.seed).for_inference().to(device)
-        with torch.inference_mode():
-            return (encode(model, seq.images, args.batch, device, args.rotations),)
+        bank = FeatureBank.build(model, seq.images, 1, lambda x: x, args.batch, device)
+        return (bank.features[:, 0].numpy(),)
 
-    return cached_arrays(args.cache_dir, key, ("descriptors",), compute)[0]
+    local = cached_arrays(args.cache_dir, key, ("local_float16",), compute)[0]
+    return FeatureBank(torch.from_numpy(local)[:, None]).descriptors(model, device).astype(np.float32)
 
 
 def _scan_contexts(seq, spec, args):

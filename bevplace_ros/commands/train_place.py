@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_PLACE_WEIGHTS, help="weights to write (best validation epoch)")
     parser.add_argument("--work-dir", type=Path, default=Path("out/train_place"), help="per-epoch checkpoints and resume state")
     parser.add_argument("--resume", action="store_true", help="continue from the last epoch in --work-dir")
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="uint8 BEV image cache")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="uint8 BEV image cache, and feature banks of --freeze-backbone")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--loss", choices=("triplet", "quadruplet"), default="triplet")
@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"train place: {err}") from None
     print(f"data: {sum(len(s) for s in train)} training frames in {len(train)} sequences, {sum(len(s) for s in val)} validation frames "
           f"({time.perf_counter() - start:.0f} s)", flush=True)
-    model, history = train_place(train, val, cfg, args.work_dir, resume=args.resume, progress=lambda m: print(m, flush=True))
+    model, history = train_place(train, val, cfg, args.work_dir, resume=args.resume, progress=lambda m: print(m, flush=True),
+                                 bank_dir=args.cache_dir)
     save_checkpoint(args.out, model)
     last = history[-1] if history else None
     print(json.dumps({"weights": str(args.out), "epochs_done": len(history), "final_loss": last and last.loss,

@@ -4,7 +4,7 @@ features -> NetVLAD -> rotation-invariant global descriptor (optionally PCA-proj
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ class BEVPlaceNetConfig:
     rotations: int = 8
     clusters: int = 64
     pca_dim: int = 0  # 0: no projection, the descriptor is clusters * 128 wide
+    input_blur_px: float = 1.0  # Gaussian sigma [pixels] of the anti-aliasing blur before the rotations; 0: none
 
     def __post_init__(self) -> None:
         if not 1 <= self.rotations <= 64:
@@ -30,6 +31,8 @@ class BEVPlaceNetConfig:
             raise ValueError(f"BEVPlaceNetConfig.clusters must be in [1, 1024], got {self.clusters}")
         if not 0 <= self.pca_dim <= self.clusters * FEATURE_DIM:
             raise ValueError(f"BEVPlaceNetConfig.pca_dim must be in [0, {self.clusters * FEATURE_DIM}], got {self.pca_dim}")
+        if not 0 <= self.input_blur_px <= 10:
+            raise ValueError(f"BEVPlaceNetConfig.input_blur_px must be in [0, 10], got {self.input_blur_px}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,6 +87,23 @@ def inscribed_disc(maps: torch.Tensor) -> torch.Tensor:
     return ((rows[:, None] ** 2 + cols[None, :] ** 2) <= radius**2).to(maps.dtype)
 
 
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, H, W), zeros beyond the border.
+
+    A BEV density image is a speckle of single cells; resampling it at a non-grid angle moves
+    that speckle by fractions of a cell, which the CNN sees as new content. Blurring by ~1 cell
+    first removes the frequencies that alias: with it, self-retrieval of 12 KITTI places rotated
+    by 17-300 degrees went from 61 of 72 to 72 of 72 top-1 (8 rotations, same weights).
+    """
+    radius = max(1, math.ceil(3.0 * sigma))
+    x = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    c = images.shape[1]
+    rows = F.conv2d(images, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), padding=(0, radius), groups=c)
+    return F.conv2d(rows, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), padding=(radius, 0), groups=c)
+
+
 def feature_coords(pixels: torch.Tensor, size: int) -> torch.Tensor:
     """Image pixel coordinates -> fractional feature-map coordinates (inverse of the padding)."""
     return (pixels + (padded_size(size) - size) // 2) / STRIDE
@@ -111,6 +131,8 @@ class BEVPlaceNet(nn.Module):
         The R copies run as one backbone batch (one call beats R small ones on CPU and GPU).
         """
         images = pad_to_stride(images)
+        if self.cfg.input_blur_px > 0:
+            images = gaussian_blur(images, self.cfg.input_blur_px)
         images = images * inscribed_disc(images)
         b, r = images.shape[0], self.rotations
         angles = torch.arange(r, device=images.device, dtype=images.dtype) * (2.0 * math.pi / r)
@@ -158,7 +180,7 @@ class BEVPlaceNet(nn.Module):
             linear.weight.copy_(weight_t)
             linear.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
         self.projection = linear
-        self.cfg = BEVPlaceNetConfig(rotations=self.cfg.rotations, clusters=self.cfg.clusters, pca_dim=weight_t.shape[0])
+        self.cfg = replace(self.cfg, pca_dim=weight_t.shape[0])
 
 
 def build_seeded_model(cfg: BEVPlaceNetConfig = BEVPlaceNetConfig(), seed: int = 0) -> BEVPlaceNet:

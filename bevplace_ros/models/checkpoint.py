@@ -63,6 +63,7 @@ def load_checkpoint(path: str | Path = DEFAULT_PLACE_WEIGHTS, rotations: int | N
     try:
         stored = dict(payload["config"])
         stored.pop("pca_dim", None)
+        stored.setdefault("input_blur_px", 0.0)  # files from before the blur existed were trained without it
         if rotations is not None:
             stored["rotations"] = rotations
         model = BEVPlaceNet(BEVPlaceNetConfig(**stored))

@@ -7,7 +7,9 @@ uninterrupted one would have done, without storing generator states.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import math
 import time
 from collections.abc import Callable
@@ -41,7 +43,7 @@ from bevplace_ros.training.mining import (
     mine_tuples,
     sample_epoch,
 )
-from bevplace_ros.training.place_dataset import PlaceSequence
+from bevplace_ros.training.place_dataset import PlaceSequence, cached_arrays
 
 STATE_NAME = "train_state.pt"
 
@@ -228,8 +230,10 @@ def train_place(
     work_dir: Path,
     resume: bool = False,
     progress: Callable[[str], None] = print,
+    bank_dir: Path | None = None,
 ) -> tuple[BEVPlaceNet, list[EpochReport]]:
-    """Train and return (the model of the best validation epoch, or the last without validation; history)."""
+    """Train and return (the model of the best validation epoch, or the last without validation; history).
+    bank_dir: where frozen-backbone feature banks are kept (default work_dir)."""
     from tqdm import tqdm
 
     from bevplace_ros.device import resolve_device
@@ -254,7 +258,7 @@ def train_place(
         history = [EpochReport(**h) for h in state["history"]]
         progress(f"resumed after epoch {state['epoch']} from {work_dir}")
     model.rotations = cfg.train_rotations
-    bank, val_banks = _feature_banks(model, data, val, cfg, device, progress) if not cfg.train_backbone else (None, None)
+    bank, val_banks = _feature_banks(model, train, val, cfg, device, bank_dir or work_dir, progress) if not cfg.train_backbone else (None, None)
     started = time.perf_counter()
     for epoch in range(len(history) + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
@@ -288,12 +292,27 @@ def train_place(
     return final, history
 
 
-def _feature_banks(model: BEVPlaceNet, data: PlaceTrainingSet, val: list[PlaceSequence], cfg: PlaceTrainConfig, device: torch.device,
-                   progress: Callable[[str], None]) -> tuple[FeatureBank, list[FeatureBank]]:
-    """Banks of the training frames (cfg.bank_views views, seeded augmentations) and validation frames (unaltered)."""
-    views = partial(augment, cfg=cfg.augment, generator=torch.Generator().manual_seed(cfg.seed * 100_003))
-    bank = FeatureBank.build(model, data.images, cfg.bank_views, views, cfg.encode_batch, device, progress)
-    return bank, [FeatureBank.build(model, s.images, 1, views, cfg.encode_batch, device) for s in val]
+def _feature_banks(model: BEVPlaceNet, train: list[PlaceSequence], val: list[PlaceSequence], cfg: PlaceTrainConfig, device: torch.device,
+                   bank_dir: Path, progress: Callable[[str], None]) -> tuple[FeatureBank, list[FeatureBank]]:
+    """Banks of the training frames (cfg.bank_views views, seeded augmentations) and validation frames
+    (unaltered), one per sequence in bank_dir: other runs over the same sequences skip the CNN pass."""
+    digest = hashlib.sha1(json.dumps([asdict(cfg.augment), cfg.seed, cfg.train_rotations, model.cfg.to_dict()]).encode())
+    for tensor in model.backbone.state_dict().values():
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+
+    def cached(seq: PlaceSequence, count: int) -> FeatureBank:
+        key = hashlib.sha1(digest.digest() + seq.images.tobytes())
+        views = partial(augment, cfg=cfg.augment, generator=torch.Generator().manual_seed(int.from_bytes(key.digest()[:6], "little")))
+
+        def build() -> tuple[np.ndarray]:
+            return (FeatureBank.build(model, seq.images, count, views, cfg.encode_batch, device, progress).features.numpy(),)
+
+        name = f"bank-{key.hexdigest()[:16]}-{count}"
+        progress(f"feature bank of {seq.name} ({len(seq)} frames x {count} views): {bank_dir / name}")
+        return FeatureBank(torch.from_numpy(cached_arrays(bank_dir, name, ("features",), build)[0]))
+
+    bank = FeatureBank(torch.cat([cached(seq, cfg.bank_views).features for seq in train]))
+    return bank, [cached(seq, 1) for seq in val]
 
 
 def _best_epoch(history: list[EpochReport]) -> int:
