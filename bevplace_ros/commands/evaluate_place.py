@@ -52,7 +52,7 @@ def _split(seq_name: str, frames: int, override: str | None) -> tuple[int, int]:
 
 def _network_descriptors(seq, spec, args, weights: str):
     """Descriptors of one sequence. The backbone's local features (float16) are cached per (sequence,
-    backbone weights, network code, rotations): weights that share a backbone, such as NetVLAD-only
+    backbone weights, input blur, rotations, network code): weights that share a backbone, such as NetVLAD-only
     training and the untrained baseline, pay for the CNN once, and re-plotting pays for nothing."""
     import hashlib
 
@@ -62,14 +62,13 @@ def _network_descriptors(seq, spec, args, weights: str):
     import bevplace_ros.models as models
     from bevplace_ros.device import resolve_device
     from bevplace_ros.models.checkpoint import load_place_model
-    from bevplace_ros.training.feature_bank import FeatureBank
+    from bevplace_ros.training.feature_bank import FeatureBank, local_feature_key
     from bevplace_ros.training.place_dataset import cached_arrays, sequence_cache_key
 
     device = resolve_device(args.device)
     model = load_place_model(weights, rotations=args.rotations, seed=args.seed).to(device).eval()
-    backbone = hashlib.sha1(b"".join(t.detach().cpu().numpy().tobytes() for t in model.backbone.state_dict().values())).hexdigest()[:16]
     code = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(Path(models.__file__).parent.glob("*.py")))).hexdigest()[:8]
-    key = f"{sequence_cache_key(spec)}-local-{backbone}-{code}-r{args.rotations}"
+    key = f"{sequence_cache_key(spec)}-local-{local_feature_key(model)}-{code}"
 
     def compute():
         bank = FeatureBank.build(model, seq.images, 1, lambda x: x, args.batch, device)

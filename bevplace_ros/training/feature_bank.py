@@ -8,12 +8,22 @@ seconds on a CPU, so many more tuples and epochs fit in the same time.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from bevplace_ros.models.bevplace_net import BEVPlaceNet
+
+
+def local_feature_key(model: BEVPlaceNet) -> str:
+    """Changes with anything that changes the local features: backbone weights, input blur, rotations
+    (not NetVLAD, so weights that share a backbone share cached features)."""
+    digest = hashlib.sha1(f"blur={model.cfg.input_blur_px} rotations={model.rotations}".encode())
+    for tensor in model.backbone.state_dict().values():
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 class FeatureBank:

@@ -34,7 +34,7 @@ from bevplace_ros.models.bevplace_net import (
     rotation_thetas,
 )
 from bevplace_ros.models.checkpoint import load_checkpoint, save_checkpoint
-from bevplace_ros.training.feature_bank import FeatureBank
+from bevplace_ros.training.feature_bank import FeatureBank, local_feature_key
 from bevplace_ros.training.losses import LOSSES, quadruplet_loss, triplet_loss
 from bevplace_ros.training.mining import (
     MiningConfig,
@@ -296,9 +296,7 @@ def _feature_banks(model: BEVPlaceNet, train: list[PlaceSequence], val: list[Pla
                    bank_dir: Path, progress: Callable[[str], None]) -> tuple[FeatureBank, list[FeatureBank]]:
     """Banks of the training frames (cfg.bank_views views, seeded augmentations) and validation frames
     (unaltered), one per sequence in bank_dir: other runs over the same sequences skip the CNN pass."""
-    digest = hashlib.sha1(json.dumps([asdict(cfg.augment), cfg.seed, cfg.train_rotations, model.cfg.to_dict()]).encode())
-    for tensor in model.backbone.state_dict().values():
-        digest.update(tensor.detach().cpu().numpy().tobytes())
+    digest = hashlib.sha1(json.dumps([asdict(cfg.augment), cfg.seed, local_feature_key(model)]).encode())
 
     def cached(seq: PlaceSequence, count: int) -> FeatureBank:
         key = hashlib.sha1(digest.digest() + seq.images.tobytes())
