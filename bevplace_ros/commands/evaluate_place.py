@@ -52,14 +52,12 @@ def _split(seq_name: str, frames: int, override: str | None) -> tuple[int, int]:
 
 def _network_descriptors(seq, spec, args, weights: str):
     """Descriptors of one sequence. The backbone's local features (float16) are cached per (sequence,
-    backbone weights, input blur, rotations, network code): weights that share a backbone, such as NetVLAD-only
+    network code, backbone weights, input blur, rotations): weights that share a backbone, such as NetVLAD-only
     training and the untrained baseline, pay for the CNN once, and re-plotting pays for nothing."""
-    import hashlib
 
     import numpy as np
     import torch
 
-    import bevplace_ros.models as models
     from bevplace_ros.device import resolve_device
     from bevplace_ros.models.checkpoint import load_place_model
     from bevplace_ros.training.feature_bank import FeatureBank, local_feature_key
@@ -67,8 +65,7 @@ def _network_descriptors(seq, spec, args, weights: str):
 
     device = resolve_device(args.device)
     model = load_place_model(weights, rotations=args.rotations, seed=args.seed).to(device).eval()
-    code = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(Path(models.__file__).parent.glob("*.py")))).hexdigest()[:8]
-    key = f"{sequence_cache_key(spec)}-local-{local_feature_key(model)}-{code}"
+    key = f"{sequence_cache_key(spec)}-local-{local_feature_key(model)}"
 
     def compute():
         bank = FeatureBank.build(model, seq.images, 1, lambda x: x, args.batch, device)

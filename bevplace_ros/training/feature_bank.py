@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,9 +19,13 @@ from bevplace_ros.models.bevplace_net import BEVPlaceNet
 
 
 def local_feature_key(model: BEVPlaceNet) -> str:
-    """Changes with anything that changes the local features: backbone weights, input blur, rotations
-    (not NetVLAD, so weights that share a backbone share cached features)."""
+    """Changes with anything that changes the local features: the network code, backbone weights,
+    input blur, rotations (not NetVLAD, so weights that share a backbone share cached features)."""
+    import bevplace_ros.models as models
+
     digest = hashlib.sha1(f"blur={model.cfg.input_blur_px} rotations={model.rotations}".encode())
+    for source in sorted(Path(models.__file__).parent.glob("*.py")):
+        digest.update(source.read_bytes())
     for tensor in model.backbone.state_dict().values():
         digest.update(tensor.detach().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
