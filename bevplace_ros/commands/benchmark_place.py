@@ -10,12 +10,16 @@ if TYPE_CHECKING:
     import numpy as np
 
 HELP = "latency of decode, BEV, descriptor (1 and R rotations), database query; peak RSS; bytes per keyframe"
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_SCAN = REPO_ROOT.parent / "shared" / "data" / "kitti_scans" / "000000.bin"
+# Without --scan: KITTI-like scans the simulator makes (HDL-64E geometry: 64 beams, +2..-24.8 deg, ~117k points,
+# a 10 Hz sweep every 1 m along the demo drive).
+SIM_SCAN_OVERRIDES = {"lidar.beams": 64, "lidar.columns": 2000, "lidar.fov_up_deg": 2.0, "lidar.fov_down_deg": -24.8,
+                      "lidar.max_range_m": 120.0, "keyframe_every": 1}
+SIM_SCAN_NAME = "simulated 64-beam scan (demo world, seed 0)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--scan", type=Path, default=DEFAULT_SCAN, help="KITTI .bin scan (float32 x, y, z, intensity)")
+    parser.add_argument("--scan", type=Path, default=None,
+                        help="KITTI .bin scan (float32 x, y, z, intensity); default: a simulated 64-beam scan of the demo world")
     parser.add_argument("--out", type=Path, default=Path("out/benchmark_place.json"))
     parser.add_argument("--repeats", type=int, default=15, help="timed runs per stage; the median is reported (shared CPU)")
     parser.add_argument("--rotations", type=int, nargs="+", default=[1, 8])
@@ -47,7 +51,27 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _decode_stage(scan_path: Path, repeats: int) -> tuple[dict, np.ndarray]:
+def simulated_kitti_scans(frames: tuple[int, ...]) -> list[np.ndarray]:
+    """(N, 4) float32 x, y, z, intensity of these sweeps of a KITTI-like simulated drive: data the package makes."""
+    import numpy as np
+
+    from bevplace_ros.sim.presets import preset_config, with_overrides
+    from bevplace_ros.sim.sequence import simulate_sequence
+
+    sequence = simulate_sequence(with_overrides(preset_config("demo"), max_frames=max(frames) + 1, **SIM_SCAN_OVERRIDES))
+    return [np.stack([p[n] for n in ("x", "y", "z", "intensity")], axis=1) for p in map(sequence.scan, frames)]
+
+
+def _load_scan(path: Path | None) -> tuple[np.ndarray, str]:
+    """(N, 4) x, y, z, intensity and what it is: the given KITTI scan, or one the simulator makes."""
+    if path is None:
+        return simulated_kitti_scans((0,))[0], f"{SIM_SCAN_NAME}, first sweep"
+    from bevplace_ros.datasets.kitti import read_kitti_scan
+
+    return read_kitti_scan(path), str(path)
+
+
+def _decode_stage(raw: np.ndarray, repeats: int) -> tuple[dict, np.ndarray]:
     """Time the PointCloud2 decode the nodes run, on a message holding the scan."""
     from types import SimpleNamespace
 
@@ -55,9 +79,6 @@ def _decode_stage(scan_path: Path, repeats: int) -> tuple[dict, np.ndarray]:
 
     from bevplace_ros.pointcloud2 import pack_points, read_points_numpy
 
-    from bevplace_ros.datasets.kitti import read_kitti_scan
-
-    raw = read_kitti_scan(scan_path)
     structured = np.rec.fromarrays(raw.T, names="x,y,z,intensity")
     fields, data, step = pack_points(structured)
     cloud = SimpleNamespace(header=None, height=1, width=len(raw), fields=fields, is_bigendian=False, point_step=step, row_step=step * len(raw), data=data, is_dense=False)
@@ -167,14 +188,16 @@ def run(args: argparse.Namespace) -> int:
     from bevplace_ros.models.bevplace_net import build_seeded_model
     from bevplace_ros.se3 import invert, transform_points, xyyaw_to_matrix
 
-    if not args.scan.is_file():
+    if args.scan is not None and not args.scan.is_file():
         print(f"scan not found: {args.scan}")
         return 2
+    raw, scan_name = _load_scan(args.scan)
+    print(f"scan: {scan_name}, {len(raw)} points")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    report: dict = {"scan": str(args.scan), "torch_threads": torch.get_num_threads(), "device": str(device), "cpu_count": os.cpu_count()}
-    report["decode"], points = _decode_stage(args.scan, args.repeats)
+    report: dict = {"scan": scan_name, "torch_threads": torch.get_num_threads(), "device": str(device), "cpu_count": os.cpu_count()}
+    report["decode"], points = _decode_stage(raw, args.repeats)
     report["points"] = int(len(points))
     bev_cfg = BEVConfig()
     report["bev"] = _median_ms(lambda: make_bev(points, bev_cfg), args.repeats)

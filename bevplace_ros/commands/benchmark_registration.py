@@ -16,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--kitti", type=Path, default=Path(__file__).resolve().parents[3] / "shared/data/kitti_scans")
+    parser.add_argument("--kitti", type=Path, default=None,
+                        help="folder with KITTI scans 000000/000005/000015.bin; default: those sweeps of a simulated 64-beam drive")
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -32,12 +33,18 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from bevplace_ros.atomic_io import atomic_write_bytes
+    from bevplace_ros.commands.benchmark_place import SIM_SCAN_NAME, simulated_kitti_scans
     from bevplace_ros.datasets.kitti import read_kitti_scan
     from bevplace_ros.registration import Registrar, RegistrationConfig
     from bevplace_ros.registration.model import count_parameters
 
-    scans = [read_kitti_scan(args.kitti / f"{i:06d}.bin") for i in (0, 5, 15)]
-    report: dict = {"device": args.device, "torch_threads": args.threads, "cpu_count": os.cpu_count()}
+    frames = (0, 5, 15)
+    if args.kitti is None:
+        scans, source = simulated_kitti_scans(frames), f"{SIM_SCAN_NAME}, sweeps {frames}"
+    else:
+        scans, source = [read_kitti_scan(args.kitti / f"{i:06d}.bin") for i in frames], f"{args.kitti}, scans {frames}"
+    print(f"scans: {source}")
+    report: dict = {"scans": source, "device": args.device, "torch_threads": args.threads, "cpu_count": os.cpu_count()}
     for name, use_network in (("roitr_lite", True), ("fpfh_ransac", False)):
         cfg = RegistrationConfig(use_network=use_network, classical_fallback=False, device=args.device,
                                  torch_threads=args.threads, **({"weights": args.weights} if args.weights else {}))
