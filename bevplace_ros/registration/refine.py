@@ -17,7 +17,7 @@ class RefineConfig:
     coarse_distance: float = 2.0  # metres; must exceed the error of the correspondence-based pose
     fine_distance: float = 0.5  # metres; fitness = share of source points with a partner this close
     max_iterations: int = 30
-    num_threads: int = 2
+    num_threads: int = 1  # small_gicp's OpenMP reduction order varies run to run with 2+: replays must repeat bit for bit
 
     def __post_init__(self) -> None:
         if not 0 < self.fine_distance <= self.coarse_distance:
