@@ -11,6 +11,10 @@ Size bound (the robot may run for hours): when `max_size` is reached, every seco
 the oldest half is dropped in one rebuild. The whole trajectory stays covered (old places at
 half density, where a revisit still finds a neighbour a few metres away), and batching the
 removal amortises the rebuild to a constant cost per added keyframe.
+
+Sessions (one per run of the robot, see pose_graph.py): the recency exclusions only apply among
+keyframes of the querying keyframe's own session. A new session's keyframe queries the whole of
+every earlier session, whatever the stamps (another day's clock) and however recently it was added.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import numpy as np
 from bevplace_ros.atomic_io import atomic_write
 
 MAGIC = b"BEVPLDB\x00"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a session per keyframe; version 1 files (one session) still load
 _HEADER = struct.Struct("<8sII")  # magic, format version, json length
 
 
@@ -39,6 +43,7 @@ class Match(NamedTuple):
     keyframe_id: int
     stamp: float
     distance: float  # L2 distance between unit descriptors, in [0, 2]
+    session: int = 0
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,8 @@ class DescriptorDatabase:
         self.cfg = cfg
         self._ids = np.zeros(0, dtype=np.int64)
         self._stamps = np.zeros(0, dtype=np.float64)
-        self._size = 0  # valid prefix of the two growable arrays above
+        self._sessions = np.zeros(0, dtype=np.int64)
+        self._size = 0  # valid prefix of the three growable arrays above
         self._index = self._new_index(approximate=False)
 
     def __len__(self) -> int:
@@ -81,11 +87,19 @@ class DescriptorDatabase:
     def stamps(self) -> np.ndarray:
         return self._stamps[: self._size].copy()
 
+    @property
+    def sessions(self) -> np.ndarray:
+        return self._sessions[: self._size].copy()
+
+    def next_session(self) -> int:
+        """A session id no stored keyframe has."""
+        return int(self._sessions[: self._size].max()) + 1 if self._size else 0
+
     def stored_bytes(self) -> int:
         """Bytes the map occupies (vectors, HNSW links, ids, stamps): what each keyframe costs."""
         import faiss
 
-        return int(faiss.serialize_index(self._index).size) + 16 * self._size
+        return int(faiss.serialize_index(self._index).size) + 24 * self._size
 
     @staticmethod
     def _is_hnsw(index) -> bool:
@@ -112,11 +126,11 @@ class DescriptorDatabase:
             raise ValueError("descriptor must be finite and non-zero")
         return np.ascontiguousarray(x / norms)
 
-    def add(self, keyframe_id: int, stamp: float, descriptor: np.ndarray) -> None:
-        self.add_batch(np.array([keyframe_id]), np.array([stamp]), descriptor)
+    def add(self, keyframe_id: int, stamp: float, descriptor: np.ndarray, session: int = 0) -> None:
+        self.add_batch(np.array([keyframe_id]), np.array([stamp]), descriptor, session)
 
-    def add_batch(self, keyframe_ids: np.ndarray, stamps: np.ndarray, descriptors: np.ndarray) -> None:
-        """Append keyframes in insertion order (the order `exclude_recent` counts in)."""
+    def add_batch(self, keyframe_ids: np.ndarray, stamps: np.ndarray, descriptors: np.ndarray, session: int = 0) -> None:
+        """Append keyframes of one session in insertion order (the order `exclude_recent` counts in)."""
         x = self._as_unit_rows(descriptors)
         ids = np.asarray(keyframe_ids, dtype=np.int64).ravel()
         st = np.asarray(stamps, dtype=np.float64).ravel()
@@ -124,48 +138,54 @@ class DescriptorDatabase:
             raise ValueError(f"got {len(ids)} ids, {len(st)} stamps and {len(x)} descriptors; they must match")
         if not np.all(np.isfinite(st)):
             raise ValueError("stamps must be finite")
-        self._append_meta(ids, st)
+        self._append_meta(ids, st, np.full(len(ids), session, dtype=np.int64))
         self._index.add(x)
         if not self.approximate and self._size > self.cfg.exact_max_size:
             self._rebuild(np.ones(self._size, dtype=bool))
         if self._size >= self.cfg.max_size:
             self._decimate_oldest_half()
 
-    def _append_meta(self, ids: np.ndarray, stamps: np.ndarray) -> None:
+    def _append_meta(self, ids: np.ndarray, stamps: np.ndarray, sessions: np.ndarray) -> None:
         need = self._size + len(ids)
         if need > len(self._ids):  # geometric growth keeps appends amortised O(1)
             cap = max(need, 2 * len(self._ids), 1024)
             self._ids = np.resize(self._ids, cap)
             self._stamps = np.resize(self._stamps, cap)
+            self._sessions = np.resize(self._sessions, cap)
         self._ids[self._size : need] = ids
         self._stamps[self._size : need] = stamps
+        self._sessions[self._size : need] = sessions
         self._size = need
 
     def _rebuild(self, keep: np.ndarray) -> None:
         """New index over the kept rows; HNSW once the kept count exceeds the exact limit."""
         vectors = self._index.reconstruct_n(0, self._size)[keep]
-        ids, stamps = self._ids[: self._size][keep], self._stamps[: self._size][keep]
+        ids, stamps, sessions = (a[: self._size][keep] for a in (self._ids, self._stamps, self._sessions))
         self._index = self._new_index(approximate=len(vectors) > self.cfg.exact_max_size)
         self._index.add(vectors)
         self._size = 0
-        self._append_meta(ids, stamps)
+        self._append_meta(ids, stamps, sessions)
 
     def _decimate_oldest_half(self) -> None:
         keep = np.ones(self._size, dtype=bool)
         keep[1 : self._size // 2 : 2] = False
         self._rebuild(keep)
 
-    def query(self, descriptor: np.ndarray, stamp: float, k: int = 1, exclude_recent: int = 0, exclude_seconds: float = 0.0) -> list[Match]:
-        """Up to k nearest keyframes, skipping the newest `exclude_recent` and any within
-        `exclude_seconds` of `stamp` (those are the robot's own recent past, not loops)."""
+    def query(self, descriptor: np.ndarray, stamp: float, k: int = 1, exclude_recent: int = 0, exclude_seconds: float = 0.0,
+              session: int = 0) -> list[Match]:
+        """Up to k nearest keyframes, skipping, among those of `session`, the newest `exclude_recent`
+        and any within `exclude_seconds` of `stamp` (the robot's own recent past, not loops)."""
         if k < 1 or exclude_recent < 0 or exclude_seconds < 0:
             raise ValueError(f"need k >= 1, exclude_recent >= 0, exclude_seconds >= 0; got {k}, {exclude_recent}, {exclude_seconds}")
         import faiss
 
         x = self._as_unit_rows(descriptor)
         n = self._size
-        allowed = np.abs(self._stamps[:n] - stamp) >= exclude_seconds
-        allowed[max(n - exclude_recent, 0) :] = False
+        own = self._sessions[:n] == session
+        recent = np.zeros(n, dtype=bool)
+        if exclude_recent:
+            recent[np.flatnonzero(own)[-exclude_recent:]] = True
+        allowed = ~own | ((np.abs(self._stamps[:n] - stamp) >= exclude_seconds) & ~recent)
         if not allowed.any():
             return []
         selector = faiss.IDSelectorBitmap(np.packbits(allowed, bitorder="little"))
@@ -176,14 +196,14 @@ class DescriptorDatabase:
         sims, rows = self._index.search(x, min(k, int(allowed.sum())), params=params)
         found = rows[0] >= 0
         dist = np.sqrt(np.maximum(2.0 - 2.0 * sims[0][found], 0.0))
-        return [Match(int(self._ids[r]), float(self._stamps[r]), float(d)) for r, d in zip(rows[0][found], dist)]
+        return [Match(int(self._ids[r]), float(self._stamps[r]), float(d), int(self._sessions[r])) for r, d in zip(rows[0][found], dist)]
 
     def to_bytes(self) -> bytes:
         """Header (magic, version, JSON with config/count/checksum) + payload."""
         import faiss
 
         index_bytes = faiss.serialize_index(self._index).tobytes()
-        payload = self._ids[: self._size].tobytes() + self._stamps[: self._size].tobytes() + index_bytes
+        payload = b"".join(a[: self._size].tobytes() for a in (self._ids, self._stamps, self._sessions)) + index_bytes
         meta = {"config": asdict(self.cfg), "count": self._size, "index_bytes": len(index_bytes), "crc32": zlib.crc32(payload)}
         meta_bytes = json.dumps(meta, sort_keys=True).encode()
         return _HEADER.pack(MAGIC, FORMAT_VERSION, len(meta_bytes)) + meta_bytes + payload
@@ -206,7 +226,7 @@ class DescriptorDatabase:
         """Inverse of to_bytes; `origin` names the source in error messages."""
         import faiss
 
-        meta, payload = _split(blob, origin)
+        meta, payload, version = _split(blob, origin)
         try:
             cfg = DatabaseConfig(**meta["config"])
             count, n_index = int(meta["count"]), int(meta["index_bytes"])
@@ -214,31 +234,33 @@ class DescriptorDatabase:
             raise DatabaseError(f"{origin}: header lacks or garbles a field: {err}") from err
         if expected_dim is not None and cfg.dim != expected_dim:
             raise DatabaseError(f"{origin}: stores {cfg.dim}-d descriptors, expected {expected_dim}-d (other model?)")
-        if len(payload) != 16 * count + n_index:
-            raise DatabaseError(f"{origin}: payload is {len(payload)} bytes, header promises {16 * count + n_index} (truncated?)")
+        row = 16 if version == 1 else 24  # id, stamp (, session)
+        if len(payload) != row * count + n_index:
+            raise DatabaseError(f"{origin}: payload is {len(payload)} bytes, header promises {row * count + n_index} (truncated?)")
         if zlib.crc32(payload) != meta.get("crc32"):
             raise DatabaseError(f"{origin}: checksum mismatch (file corrupt)")
         try:
-            index = faiss.deserialize_index(np.frombuffer(payload[16 * count :], dtype=np.uint8))
+            index = faiss.deserialize_index(np.frombuffer(payload[row * count :], dtype=np.uint8))
         except RuntimeError as err:
             raise DatabaseError(f"{origin}: faiss index unreadable: {err}") from err
         if index.d != cfg.dim or index.ntotal != count:
             raise DatabaseError(f"{origin}: index holds {index.ntotal} x {index.d}-d, header says {count} x {cfg.dim}-d")
         db = cls(cfg)
         db._index = index
-        db._append_meta(np.frombuffer(payload[: 8 * count], dtype=np.int64), np.frombuffer(payload[8 * count : 16 * count], dtype=np.float64))
+        sessions = np.frombuffer(payload[16 * count : 24 * count], dtype=np.int64) if version > 1 else np.zeros(count, dtype=np.int64)
+        db._append_meta(np.frombuffer(payload[: 8 * count], dtype=np.int64), np.frombuffer(payload[8 * count : 16 * count], dtype=np.float64), sessions)
         return db
 
 
-def _split(blob: bytes, path: str) -> tuple[dict, bytes]:
+def _split(blob: bytes, path: str) -> tuple[dict, bytes, int]:
     """Header checks: magic (foreign file), version, JSON length (truncation)."""
     if len(blob) < _HEADER.size:
         raise DatabaseError(f"{path}: {len(blob)} bytes, too short for a database header (truncated?)")
     magic, version, n_meta = _HEADER.unpack_from(blob)
     if magic != MAGIC:
         raise DatabaseError(f"{path}: not a bevplace_ros descriptor database (bad magic {magic!r})")
-    if version != FORMAT_VERSION:
-        raise DatabaseError(f"{path}: database format version {version}, this code reads {FORMAT_VERSION}")
+    if version not in (1, FORMAT_VERSION):
+        raise DatabaseError(f"{path}: database format version {version}, this code reads 1 or {FORMAT_VERSION}")
     end = _HEADER.size + n_meta
     if len(blob) < end:
         raise DatabaseError(f"{path}: header truncated")
@@ -248,4 +270,4 @@ def _split(blob: bytes, path: str) -> tuple[dict, bytes]:
         raise DatabaseError(f"{path}: header is not valid JSON (corrupt): {err}") from err
     if not isinstance(meta, dict):
         raise DatabaseError(f"{path}: header is not a JSON object (corrupt)")
-    return meta, blob[end:]
+    return meta, blob[end:], version

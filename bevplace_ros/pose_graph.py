@@ -8,6 +8,18 @@ Covariances arrive in ROS PoseWithCovariance order (x, y, z, rot_x, rot_y, rot_z
 right (body-frame) perturbation T_true = T_meas * Exp(xi) in the query frame i, which is the
 local frame of gtsam's BetweenFactor error. gtsam's Pose3 tangent order is (rot, trans), so the
 only conversion is the block swap done by `ros_to_gtsam_covariance`.
+
+Sessions: every run of the robot (each start in a fresh odometry frame) is a session with its own
+odometry chain. The first session ever added defines the map frame (tight prior on its first
+keyframe). A later session (`start_session`, e.g. after loading yesterday's map) has an unknown
+anchor T_map_odom: its keyframes are kept out of the optimisation until `anchor_loops` verified
+loops to already anchored sessions, from different query keyframes, agree on that anchor. Only then
+is the whole session inserted, initialised exactly from the agreed anchor. Deferring, rather than
+inserting the chain with a very loose prior, is chosen because iSAM2 linearises at the initial
+estimate: a chain inserted at an arbitrary pose and later swung round by up to 180 degrees and
+kilometres relies on relinearisation from far away, and the loose prior would stay in the graph
+as a small bias. A wrong first loop is held pending, never used alone: it anchors nothing unless
+a second, independent loop agrees with it, and it is dropped when another pair agrees.
 """
 
 from __future__ import annotations
@@ -24,7 +36,7 @@ from bevplace_ros.versioned_npz import load_versioned_npz, save_versioned_npz
 from bevplace_ros.se3 import invert, rotation_error_deg, translation_error
 
 FORMAT_NAME = "bevplace_ros.pose_graph"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-keyframe sessions; version 1 files (one session) still load
 LOOP_KERNELS = ("cauchy", "huber", "dcs", "none")
 # gtsam tangent index <- ROS covariance index: (rot_x, rot_y, rot_z, x, y, z).
 _ROS_TO_GTSAM = np.array([3, 4, 5, 0, 1, 2])
@@ -63,10 +75,18 @@ class PoseGraphConfig:
     # lower bounds (millimetres), which would make the robust kernel treat true loops as outliers.
     loop_sigma_trans: float = 0.1  # [m]
     loop_sigma_rot_deg: float = 0.5  # [deg]
+    # A new session is anchored to the map once this many inter-session loops from different query
+    # keyframes give anchors T_map_odom that agree (each anchor applied to the other's query keyframe)
+    # within these tolerances plus loop_gate_sigmas times the odometry chain sigma between them.
+    anchor_loops: int = 2
+    anchor_agree_translation: float = 2.0  # [m]
+    anchor_agree_rotation_deg: float = 5.0  # [deg]
+    max_pending_loops: int = 100  # anchor hypotheses held per unanchored session (oldest dropped)
 
     def __post_init__(self) -> None:
         for name in ("odom_sigma_trans_floor", "odom_sigma_rot_floor_deg", "prior_sigma_trans",
-                     "prior_sigma_rot_deg", "loop_kernel_param", "relinearize_threshold"):
+                     "prior_sigma_rot_deg", "loop_kernel_param", "relinearize_threshold",
+                     "anchor_agree_translation", "anchor_agree_rotation_deg"):
             _require(self, name, lambda v: 0 < v < math.inf, "a finite number > 0")
         for name in ("odom_sigma_trans_per_m", "odom_sigma_rot_per_m_deg", "loop_gate_sigmas", "loop_sigma_trans", "loop_sigma_rot_deg"):
             _require(self, name, lambda v: 0 <= v < math.inf, "a finite number >= 0")
@@ -75,6 +95,8 @@ class PoseGraphConfig:
         _require(self, "loop_kernel", lambda v: v in LOOP_KERNELS, f"one of {LOOP_KERNELS}")
         _require(self, "relinearize_skip", lambda v: isinstance(v, int) and v >= 1, "an int >= 1")
         _require(self, "loop_extra_updates", lambda v: isinstance(v, int) and 0 <= v <= 100, "an int in [0, 100]")
+        _require(self, "anchor_loops", lambda v: isinstance(v, int) and 1 <= v <= 100, "an int in [1, 100]")
+        _require(self, "max_pending_loops", lambda v: isinstance(v, int) and v >= 1, "an int >= 1")
 
 
 def _require(cfg: PoseGraphConfig, name: str, ok: Callable[[Any], bool], accepted: str) -> None:
@@ -89,8 +111,19 @@ def _require(cfg: PoseGraphConfig, name: str, ok: Callable[[Any], bool], accepte
 
 @dataclass(frozen=True)
 class LoopDecision:
-    accepted: bool
+    accepted: bool  # in the optimisation now (or, inside an unanchored session, once it is anchored)
     reason: str
+    held: bool = False  # an anchor hypothesis of an unanchored session, waiting for a second loop
+
+
+@dataclass(frozen=True)
+class Anchoring:
+    """How a session joined the map: after `after` keyframes, by loops from these query keyframes."""
+
+    session: int
+    query_keys: tuple[int, ...]
+    after: int
+    T_map_odom: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -135,8 +168,8 @@ def _check_covariance(cov: Any) -> np.ndarray:
 
 
 class PoseGraph:
-    """Incremental keyframe graph. Memory per keyframe is constant: key, stamp, odometry pose and
-    prefix sums for the loop gate, besides gtsam's own variable and factor."""
+    """Incremental keyframe graph. Memory per keyframe is constant: key, stamp, session, odometry pose
+    and prefix sums for the loop gate, besides gtsam's own variable and factor."""
 
     def __init__(self, cfg: PoseGraphConfig | None = None) -> None:
         import gtsam
@@ -153,15 +186,58 @@ class PoseGraph:
         self._index: dict[int, int] = {}
         self._stamps: list[float] = []
         self._odom: list[np.ndarray] = []
+        self._session_of: list[int] = []  # per keyframe
         # Prefix sums over edges for the loop gate: arc length s, and with w = sigma_rot^2:
-        # sum 3*sigma_t^2, sum w, sum w*s, sum w*s^2 (see _chain_sigmas).
+        # sum 3*sigma_t^2, sum w, sum w*s, sum w*s^2 (see _chain_sigmas). No edge joins two sessions.
         self._prefix: list[np.ndarray] = []
         self._loops: list[Loop] = []
         self._loop_after: list[int] = []  # number of keyframes when each loop was accepted (replay order)
+        # Every loop not refused outright, in arrival order with the keyframe count then: saving this
+        # log and replaying it through add_loop rebuilds the same graph, held and pending loops too.
+        self._log: list[tuple[Loop, int]] = []
+        self._session = 0  # the live session: new keyframes join it
+        self._session_start: dict[int, int] = {}  # session -> index of its first keyframe
+        self._anchorings: dict[int, Anchoring] = {}  # sessions joined by loops
+        self._held: dict[int, list[Loop]] = {}  # intra-session loops of unanchored sessions
+        self._pending: dict[int, list[tuple[Loop, np.ndarray]]] = {}  # anchor hypotheses (loop, T_map_odom)
+
+    # ----------------------------------------------------------------- sessions
+    def start_session(self) -> int:
+        """Later keyframes start a new session, in a new odometry frame with an unknown anchor."""
+        if self._session in self._session_start:
+            self._session = max(self._session_start) + 1
+        return self._session
+
+    @property
+    def session(self) -> int:
+        return self._session
+
+    def anchored(self, session: int) -> bool:
+        """Whether the session's keyframes are in the map frame (the first session always is)."""
+        return session in self._anchorings or (session in self._session_start and self._session_start[session] == 0)
+
+    @property
+    def localized(self) -> bool:
+        """Whether the live session is anchored, i.e. map_to_odom() means something."""
+        return self._session in self._session_start and self.anchored(self._session)
+
+    def sessions(self) -> dict[int, int]:
+        """Keyframe -> session."""
+        return dict(zip(self._keys, self._session_of))
+
+    def anchorings(self) -> dict[int, Anchoring]:
+        return dict(self._anchorings)
+
+    def status(self) -> dict[str, Any]:
+        """What a diagnostics message needs: live session, localised or not, counts."""
+        pending = self._pending.get(self._session, [])
+        return {"session": self._session, "sessions": len(self._session_start), "localized": self.localized,
+                "keyframes": len(self._keys), "loops": len(self._loops), "pending_anchor_loops": len(pending)}
 
     # ----------------------------------------------------------------- building the graph
     def add_keyframe(self, key: int, stamp: float, odom_pose: np.ndarray) -> None:
-        """Add keyframe `key` with odometry pose T_odom_key; the first is anchored at that pose."""
+        """Add keyframe `key` with odometry pose T_odom_key to the live session; the very first keyframe
+        is anchored at that pose, a later session's keyframes wait for the session's anchoring."""
         import gtsam
 
         if isinstance(key, bool) or not isinstance(key, (int, np.integer)):
@@ -178,44 +254,56 @@ class PoseGraph:
         if not math.isfinite(stamp):
             raise PoseGraphError(f"keyframe {key}: stamp must be finite, got {stamp!r}")
         T_odom_k = _check_transform(odom_pose, f"keyframe {key} odometry pose")
-        graph, values = gtsam.NonlinearFactorGraph(), gtsam.Values()
-        if not self._keys:
-            sigmas = np.r_[np.full(3, np.radians(self.cfg.prior_sigma_rot_deg)), np.full(3, self.cfg.prior_sigma_trans)]
-            graph.add(gtsam.PriorFactorPose3(key, gtsam.Pose3(T_odom_k), gtsam.noiseModel.Diagonal.Sigmas(sigmas)))
-            values.insert(key, gtsam.Pose3(T_odom_k))
-            prefix = np.zeros(5)
+        idx = len(self._keys)
+        first = self._session not in self._session_start
+        if first:
+            self._session_start[self._session] = idx
+            prefix = self._prefix[-1].copy() if self._prefix else np.zeros(5)
         else:
-            prev = self._keys[-1]
-            T_prev_k = invert(self._odom[-1]) @ T_odom_k
-            sigma_t, sigma_r, dist = self._odom_sigmas(T_prev_k)
-            noise = gtsam.noiseModel.Diagonal.Sigmas(np.r_[np.full(3, sigma_r), np.full(3, sigma_t)])
-            graph.add(gtsam.BetweenFactorPose3(prev, key, gtsam.Pose3(T_prev_k), noise))
-            T_map_prev = self._isam.calculateEstimatePose3(prev).matrix()
-            values.insert(key, gtsam.Pose3(T_map_prev @ T_prev_k))
+            sigma_t, sigma_r, dist = self._odom_sigmas(invert(self._odom[-1]) @ T_odom_k)
             last = self._prefix[-1]
-            s = last[0] + dist
-            w = sigma_r**2
+            s, w = last[0] + dist, sigma_r**2
             prefix = last + np.array([dist, 3 * sigma_t**2, w, w * s, w * s * s])
-        self._isam.update(graph, values)
-        self._index[key] = len(self._keys)
+        self._index[key] = idx
         self._keys.append(key)
         self._stamps.append(stamp)
         self._odom.append(T_odom_k)
+        self._session_of.append(self._session)
         self._prefix.append(prefix)
+        if not self.anchored(self._session):
+            return
+        graph, values = gtsam.NonlinearFactorGraph(), gtsam.Values()
+        if first:  # the first session: its first pose defines the map frame
+            sigmas = np.r_[np.full(3, np.radians(self.cfg.prior_sigma_rot_deg)), np.full(3, self.cfg.prior_sigma_trans)]
+            graph.add(gtsam.PriorFactorPose3(key, gtsam.Pose3(T_odom_k), gtsam.noiseModel.Diagonal.Sigmas(sigmas)))
+            values.insert(key, gtsam.Pose3(T_odom_k))
+        else:
+            prev = self._keys[idx - 1]
+            graph.add(self._odom_factor(idx, gtsam))
+            T_map_prev = self._isam.calculateEstimatePose3(prev).matrix()
+            values.insert(key, gtsam.Pose3(T_map_prev @ invert(self._odom[idx - 1]) @ T_odom_k))
+        self._isam.update(graph, values)
+
+    def _odom_factor(self, idx: int, gtsam: Any) -> Any:
+        """Odometry factor from keyframe idx-1 to idx (same session)."""
+        T_prev_k = invert(self._odom[idx - 1]) @ self._odom[idx]
+        sigma_t, sigma_r, _ = self._odom_sigmas(T_prev_k)
+        noise = gtsam.noiseModel.Diagonal.Sigmas(np.r_[np.full(3, sigma_r), np.full(3, sigma_t)])
+        return gtsam.BetweenFactorPose3(self._keys[idx - 1], self._keys[idx], gtsam.Pose3(T_prev_k), noise)
 
     def add_loop(self, match_key: int, query_key: int, T_match_query: np.ndarray, covariance_ros: np.ndarray) -> LoopDecision:
-        """Add a verified loop T_match_query (query points -> match frame), or say why not.
+        """Add a verified loop T_match_query (query points -> match frame), hold it, or say why not.
 
         Gate: let d_t, d_r be the translation [m] and rotation [deg] disagreement between the
         measurement and the current estimate of T_match_query, and sigma_t, sigma_r the RMS
         error the odometry noise model accumulates along the chain between the two keyframes
-        (rotation noise acting through its lever arm included). The loop is rejected when
+        (rotation noise acting through its lever arm included; between sessions, the chains from
+        each keyframe to its session's anchor). The loop is rejected when
         d_t > max_loop_translation + loop_gate_sigmas * sigma_t or
         d_r > max_loop_rotation_deg + loop_gate_sigmas * sigma_r.
-        Loops that pass go in behind the configured robust kernel.
+        Loops that pass go in behind the configured robust kernel. A loop from an unanchored session
+        to the map is an anchor hypothesis instead (see the module docstring).
         """
-        import gtsam
-
         for name, key in (("match_key", match_key), ("query_key", query_key)):
             if key not in self._index:
                 raise PoseGraphError(f"loop {name}={key} is not a keyframe of this graph")
@@ -224,29 +312,115 @@ class PoseGraph:
         T_meas = _check_transform(T_match_query, f"loop {match_key}<-{query_key} T_match_query")
         cov = _check_covariance(covariance_ros) + np.diag(np.r_[np.full(3, self.cfg.loop_sigma_trans**2),
                                                                 np.full(3, np.radians(self.cfg.loop_sigma_rot_deg) ** 2)])
-        T_est = invert(self._isam.calculateEstimatePose3(match_key).matrix()) @ self._isam.calculateEstimatePose3(query_key).matrix()
-        d_t, d_r = translation_error(T_meas, T_est), rotation_error_deg(T_meas, T_est)
-        sigma_t, sigma_r = self._chain_sigmas(self._index[match_key], self._index[query_key])
+        return self._offer(Loop(int(match_key), int(query_key), T_meas, cov))
+
+    def _offer(self, loop: Loop) -> LoopDecision:
+        """add_loop after validation, with the covariance floor already added (as saved)."""
+        import gtsam
+
+        match_key, query_key = loop.match_key, loop.query_key
+        s_m, s_q = self._session_of[self._index[match_key]], self._session_of[self._index[query_key]]
+        if self.anchored(s_m) and not self.anchored(s_q):
+            return self._anchor_hypothesis(loop, s_q, gtsam)
+        if s_m != s_q and not (self.anchored(s_m) and self.anchored(s_q)):
+            return LoopDecision(False, f"loop {match_key}<-{query_key}: session {s_m if not self.anchored(s_m) else s_q} "
+                                       "is not anchored to the map; only loops into anchored sessions can anchor it")
+        decision = self._gate(loop, s_m, s_q)
+        if not decision.accepted:
+            return decision
+        self._log.append((loop, len(self._keys)))
+        if not self.anchored(s_q):  # both in the same unanchored session
+            self._held.setdefault(s_q, []).append(loop)
+            return LoopDecision(True, decision.reason + f"; held until session {s_q} is anchored")
+        self._insert_loops([loop], gtsam)
+        return decision
+
+    def _gate(self, loop: Loop, s_m: int, s_q: int) -> LoopDecision:
+        T_est = invert(self._pose(loop.match_key)) @ self._pose(loop.query_key)
+        d_t, d_r = translation_error(loop.T_match_query, T_est), rotation_error_deg(loop.T_match_query, T_est)
+        i_m, i_q = self._index[loop.match_key], self._index[loop.query_key]
+        if s_m == s_q:
+            sigma_t, sigma_r = self._chain_sigmas(i_m, i_q)
+        else:
+            (t_m, r_m), (t_q, r_q) = (self._chain_sigmas(i, self._anchor_index(s)) for i, s in ((i_m, s_m), (i_q, s_q)))
+            sigma_t, sigma_r = math.hypot(t_m, t_q), math.hypot(r_m, r_q)
         cap_t = self.cfg.max_loop_translation + self.cfg.loop_gate_sigmas * sigma_t
         cap_r = self.cfg.max_loop_rotation_deg + self.cfg.loop_gate_sigmas * sigma_r
+        name = f"loop {loop.match_key}<-{loop.query_key}"
         if d_t > cap_t or d_r > cap_r:
-            return LoopDecision(False, f"loop {match_key}<-{query_key} disagrees with the estimate by "
-                                       f"{d_t:.2f} m / {d_r:.2f} deg, caps {cap_t:.2f} m / {cap_r:.2f} deg")
-        self._insert_loop(Loop(int(match_key), int(query_key), T_meas, cov), gtsam)
+            return LoopDecision(False, f"{name} disagrees with the estimate by {d_t:.2f} m / {d_r:.2f} deg, "
+                                       f"caps {cap_t:.2f} m / {cap_r:.2f} deg")
         return LoopDecision(True, f"accepted: {d_t:.2f} m / {d_r:.2f} deg within caps {cap_t:.2f} m / {cap_r:.2f} deg")
 
-    def _insert_loop(self, loop: Loop, gtsam: Any) -> None:
-        noise = gtsam.noiseModel.Gaussian.Covariance(ros_to_gtsam_covariance(loop.covariance_ros))
+    def _pose(self, key: int) -> np.ndarray:
+        """Current estimate: optimised in an anchored session, the odometry pose in an unanchored one."""
+        idx = self._index[key]
+        if self.anchored(self._session_of[idx]):
+            return self._isam.calculateEstimatePose3(key).matrix()
+        return self._odom[idx]
+
+    def _anchor_index(self, session: int) -> int:
+        """The keyframe that ties the session to the map: its first (map session) or latest anchoring query."""
+        anchoring = self._anchorings.get(session)
+        return self._session_start[session] if anchoring is None else self._index[anchoring.query_keys[-1]]
+
+    def _anchor_hypothesis(self, loop: Loop, session: int, gtsam: Any) -> LoopDecision:
+        """Hold a loop from an unanchored session to the map; anchor the session once enough agree."""
+        i_q = self._index[loop.query_key]
+        T_map_odom = self._pose(loop.match_key) @ loop.T_match_query @ invert(self._odom[i_q])
+        self._log.append((loop, len(self._keys)))
+        pending = self._pending.setdefault(session, [])
+        agree = [(lp, T) for lp, T in pending if self._anchors_agree(lp.query_key, T, loop.query_key, T_map_odom)]
+        agree.append((loop, T_map_odom))
+        queries = {lp.query_key for lp, _ in agree}
+        if len(queries) < self.cfg.anchor_loops:
+            pending.append((loop, T_map_odom))
+            del pending[: -self.cfg.max_pending_loops]
+            return LoopDecision(False, f"loop {loop.match_key}<-{loop.query_key}: anchor hypothesis for session {session} held, "
+                                       f"{len(queries)} of {self.cfg.anchor_loops} agreeing query keyframes", held=True)
+        dropped = len(pending) + 1 - len(agree)
+        self._join(session, T_map_odom, [lp for lp, _ in agree], gtsam)
+        return LoopDecision(True, f"session {session} anchored by loops from keyframes {sorted(queries)}; "
+                                  f"{dropped} disagreeing hypotheses dropped")
+
+    def _anchors_agree(self, key_a: int, T_a: np.ndarray, key_b: int, T_b: np.ndarray) -> bool:
+        i_a, i_b = self._index[key_a], self._index[key_b]
+        sigma_t, sigma_r = self._chain_sigmas(i_a, i_b)
+        for i in (i_a, i_b):
+            pose_a, pose_b = T_a @ self._odom[i], T_b @ self._odom[i]
+            if (translation_error(pose_a, pose_b) > self.cfg.anchor_agree_translation + self.cfg.loop_gate_sigmas * sigma_t
+                    or rotation_error_deg(pose_a, pose_b) > self.cfg.anchor_agree_rotation_deg + self.cfg.loop_gate_sigmas * sigma_r):
+                return False
+        return True
+
+    def _join(self, session: int, T_map_odom: np.ndarray, loops: list[Loop], gtsam: Any) -> None:
+        """Insert the whole session, initialised from the agreed anchor, then its held and anchoring loops."""
+        start = self._session_start[session]
+        members = [i for i in range(start, len(self._keys)) if self._session_of[i] == session]
+        graph, values = gtsam.NonlinearFactorGraph(), gtsam.Values()
+        for i in members:
+            values.insert(self._keys[i], gtsam.Pose3(T_map_odom @ self._odom[i]))
+            if i != start:
+                graph.add(self._odom_factor(i, gtsam))
+        self._anchorings[session] = Anchoring(session, tuple(lp.query_key for lp in loops), len(self._keys), T_map_odom)
+        self._pending.pop(session, None)
+        # One update: the chain alone, with no factor tying it to the map, would be indeterminate.
+        self._insert_loops([*self._held.pop(session, []), *loops], gtsam, graph, values)
+
+    def _insert_loops(self, loops: list[Loop], gtsam: Any, graph: Any = None, values: Any = None) -> None:
+        """Loop factors (behind the kernel) plus any other new factors and values, in one iSAM2 update."""
         kernel = self._kernel(gtsam)
-        if kernel is not None:
-            noise = gtsam.noiseModel.Robust.Create(kernel, noise)
-        graph = gtsam.NonlinearFactorGraph()
-        graph.add(gtsam.BetweenFactorPose3(loop.match_key, loop.query_key, gtsam.Pose3(loop.T_match_query), noise))
-        self._isam.update(graph, gtsam.Values(), force_relinearize=True)
+        graph = gtsam.NonlinearFactorGraph() if graph is None else graph
+        for loop in loops:
+            noise = gtsam.noiseModel.Gaussian.Covariance(ros_to_gtsam_covariance(loop.covariance_ros))
+            if kernel is not None:
+                noise = gtsam.noiseModel.Robust.Create(kernel, noise)
+            graph.add(gtsam.BetweenFactorPose3(loop.match_key, loop.query_key, gtsam.Pose3(loop.T_match_query), noise))
+        self._isam.update(graph, gtsam.Values() if values is None else values, force_relinearize=True)
         for _ in range(self.cfg.loop_extra_updates):
             self._isam.update(force_relinearize=True)
-        self._loops.append(loop)
-        self._loop_after.append(len(self._keys))
+        self._loops.extend(loops)
+        self._loop_after.extend([len(self._keys)] * len(loops))
 
     def _kernel(self, gtsam: Any) -> Any:
         if self.cfg.loop_kernel == "none":
@@ -300,34 +474,42 @@ class PoseGraph:
         """T_odom_k as given to add_keyframe."""
         return {k: T.copy() for k, T in zip(self._keys, self._odom)}
 
-    def map_to_odom(self) -> np.ndarray:
-        """T_map_odom = T_map_latest @ inv(T_odom_latest): the correction to publish on /tf."""
+    def map_to_odom(self) -> np.ndarray | None:
+        """T_map_odom = T_map_latest @ inv(T_odom_latest) of the live session: the correction to publish
+        on /tf; None while the live session is not anchored (its place in the map is unknown)."""
         if not self._keys:
             return np.eye(4)
+        if not self.localized:
+            return None
         return self._isam.calculateEstimatePose3(self._keys[-1]).matrix() @ invert(self._odom[-1])
 
     def loops(self) -> list[Loop]:
+        """Loops in the optimisation."""
         return list(self._loops)
 
     # ----------------------------------------------------------------- persistence
     def save(self, path: str | Path) -> Path:
-        """Write config, keyframes, odometry and accepted loops to one .npz file, atomically."""
+        """Write config, keyframes with their sessions, odometry and the loop log to one .npz file, atomically."""
+        loops = [lp for lp, _ in self._log]
         arrays = {
             "config": np.array(json.dumps(asdict(self.cfg))),
             "keys": np.array(self._keys, dtype=np.int64),
             "stamps": np.array(self._stamps, dtype=float),
             "odom": np.array(self._odom, dtype=float).reshape(-1, 4, 4),
-            "loop_keys": np.array([(lp.match_key, lp.query_key) for lp in self._loops], dtype=np.int64).reshape(-1, 2),
-            "loop_T": np.array([lp.T_match_query for lp in self._loops], dtype=float).reshape(-1, 4, 4),
-            "loop_cov": np.array([lp.covariance_ros for lp in self._loops], dtype=float).reshape(-1, 6, 6),
-            "loop_after": np.array(self._loop_after, dtype=np.int64),
+            "sessions": np.array(self._session_of, dtype=np.int64),
+            "loop_keys": np.array([(lp.match_key, lp.query_key) for lp in loops], dtype=np.int64).reshape(-1, 2),
+            "loop_T": np.array([lp.T_match_query for lp in loops], dtype=float).reshape(-1, 4, 4),
+            "loop_cov": np.array([lp.covariance_ros for lp in loops], dtype=float).reshape(-1, 6, 6),
+            "loop_after": np.array([after for _, after in self._log], dtype=np.int64),
         }
         return save_versioned_npz(path, FORMAT_NAME, FORMAT_VERSION, arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> PoseGraph:
-        """Rebuild a saved graph by replaying its keyframes and loops in their original order,
-        which reproduces the saved iSAM2 estimate; raises PoseGraphError on any unreadable file."""
+        """Rebuild a saved graph by replaying its keyframes and loops in their original order, which
+        reproduces the saved iSAM2 estimate and every session's anchoring; the live session is the
+        last saved one (call start_session to continue in a new one). Version 1 files (one session,
+        accepted loops only) load too. Raises PoseGraphError on any unreadable file."""
         arrays = _read_arrays(Path(path))
         try:
             cfg = PoseGraphConfig(**json.loads(str(arrays["config"])))
@@ -335,19 +517,19 @@ class PoseGraph:
             raise PoseGraphError(f"{path}: stored config is invalid: {exc}") from None
         _check_saved_shapes(arrays, path)
         graph = cls(cfg)
-        import gtsam
-
         try:
             loop_i = 0
             n_loops = len(arrays["loop_after"])
-            for n, (key, stamp, T) in enumerate(zip(arrays["keys"], arrays["stamps"], arrays["odom"]), start=1):
+            for n, (key, stamp, T, session) in enumerate(zip(arrays["keys"], arrays["stamps"], arrays["odom"], arrays["sessions"]), start=1):
+                if n > 1 and session != graph.session and graph.start_session() != session:
+                    raise PoseGraphError(f"keyframe {key}: session {session} does not follow session {graph.session - 1}")
                 graph.add_keyframe(int(key), float(stamp), T)
                 while loop_i < n_loops and arrays["loop_after"][loop_i] == n:
                     (j, i), T_ji, cov = arrays["loop_keys"][loop_i], arrays["loop_T"][loop_i], arrays["loop_cov"][loop_i]
                     for name, k in (("match", j), ("query", i)):
                         if int(k) not in graph._index:
                             raise PoseGraphError(f"loop {loop_i} {name} key {k} is not a saved keyframe")
-                    graph._insert_loop(Loop(int(j), int(i), _check_transform(T_ji, f"loop {loop_i}"), _check_covariance(cov)), gtsam)
+                    graph._offer(Loop(int(j), int(i), _check_transform(T_ji, f"loop {loop_i}"), _check_covariance(cov)))
                     loop_i += 1
             if loop_i != n_loops:
                 raise PoseGraphError(f"loop order table is inconsistent ({n_loops - loop_i} loops never replayed)")
@@ -357,13 +539,16 @@ class PoseGraph:
 
 
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Version 2 fields; a version 1 file (before sessions) reads as one session 0."""
     expected = ("config", "keys", "stamps", "odom", "loop_keys", "loop_T", "loop_cov", "loop_after")
-    return load_versioned_npz(path, FORMAT_NAME, FORMAT_VERSION, expected, PoseGraphError)
+    arrays = load_versioned_npz(path, FORMAT_NAME, (1, FORMAT_VERSION), expected, PoseGraphError, optional=("sessions",))
+    arrays.setdefault("sessions", np.zeros(len(arrays["keys"]), dtype=np.int64))
+    return arrays
 
 
 def _check_saved_shapes(a: dict[str, np.ndarray], path: str | Path) -> None:
     n, m = len(a["keys"]), len(a["loop_after"])
-    expected = {"keys": (n,), "stamps": (n,), "odom": (n, 4, 4), "loop_keys": (m, 2), "loop_T": (m, 4, 4),
+    expected = {"keys": (n,), "stamps": (n,), "odom": (n, 4, 4), "sessions": (n,), "loop_keys": (m, 2), "loop_T": (m, 4, 4),
                 "loop_cov": (m, 6, 6), "loop_after": (m,)}
     for name, shape in expected.items():
         if a[name].shape != shape:

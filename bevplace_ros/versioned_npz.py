@@ -26,18 +26,22 @@ def save_versioned_npz(path: str | Path, format_name: str, version: int, arrays:
     return atomic_write(path, write)
 
 
-def load_versioned_npz(path: str | Path, format_name: str, version: int, expected: Iterable[str], error: type[Exception]) -> dict[str, np.ndarray]:
-    """All `expected` arrays of a file written by save_versioned_npz, or `error` saying what is wrong."""
+def load_versioned_npz(path: str | Path, format_name: str, version: int | tuple[int, ...], expected: Iterable[str],
+                       error: type[Exception], optional: Iterable[str] = ()) -> dict[str, np.ndarray]:
+    """All `expected` arrays (and those `optional` ones present) of a file written by save_versioned_npz
+    in one of the readable `version`s, or `error` saying what is wrong."""
+    versions = (version,) if isinstance(version, int) else tuple(version)
     try:
         with np.load(path, allow_pickle=False) as npz:
             if "format" not in npz.files or str(npz["format"]) != format_name:
                 raise error(f"{path}: not a {format_name} file")
-            if int(npz["version"]) != version:
-                raise error(f"{path}: format version {int(npz['version'])}, this code reads version {version}")
+            if int(npz["version"]) not in versions:
+                raise error(f"{path}: format version {int(npz['version'])}, this code reads version "
+                            f"{' or '.join(map(str, versions))}")
             missing = set(expected) - set(npz.files)
             if missing:
                 raise error(f"{path}: missing fields {sorted(missing)}")
-            return {name: npz[name] for name in expected}
+            return {name: npz[name] for name in (*expected, *(n for n in optional if n in npz.files))}
     except error:
         raise
     except FileNotFoundError:
