@@ -376,7 +376,7 @@ class PoseGraph:
         if len(queries) < self.cfg.anchor_loops:
             pending.append((loop, T_map_odom))
             del pending[: -self.cfg.max_pending_loops]
-            return LoopDecision(False, f"loop {loop.match_key}<-{loop.query_key}: anchor hypothesis for session {session} held, "
+            return LoopDecision(False, f"anchor hypothesis for session {session} held, "
                                        f"{len(queries)} of {self.cfg.anchor_loops} agreeing query keyframes", held=True)
         dropped = len(pending) + 1 - len(agree)
         self._join(session, T_map_odom, [lp for lp, _ in agree], gtsam)

@@ -207,3 +207,66 @@ def test_previous_release_database_loads_as_one_session() -> None:
     meta_bytes = json.dumps(meta, sort_keys=True).encode()
     old = DescriptorDatabase.from_bytes(_HEADER.pack(MAGIC, 1, len(meta_bytes)) + meta_bytes + v1_payload, "v1")
     assert np.array_equal(old.ids, db.ids) and np.array_equal(old.sessions, np.zeros(4)) and old.next_session() == 1
+
+
+def test_node_publishes_map_to_odom_only_once_the_loaded_maps_new_session_is_anchored(sc: Scenario, ros_context, tmp_path) -> None:
+    """pose_graph_node over the real middleware: load a map, feed a new run's keyframes and loops."""
+    from geometry_msgs.msg import TransformStamped
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+    from ros_helpers import spin_until
+    from std_msgs.msg import Bool
+
+    from bevplace_ros.msg import Keyframe, LoopClosure
+    from bevplace_ros.nodes.conversions import ns_to_stamp, pose_with_covariance
+    from bevplace_ros.nodes.pose_graph_node import PoseGraphNode
+    from bevplace_ros.srv import LoadMap
+
+    import rclpy
+
+    map_file = _map(sc).save(tmp_path / "graph.npz")
+    node = PoseGraphNode(context=ros_context)
+    client_node = rclpy.create_node("session_test", context=ros_context)
+    executor = SingleThreadedExecutor(context=ros_context)
+    for n in (node, client_node):
+        executor.add_node(n)
+    localized: list[bool] = []
+    corrections: list[TransformStamped] = []
+    received = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+    client_node.create_subscription(Bool, "localized", lambda m: localized.append(m.data), received)
+    client_node.create_subscription(TransformStamped, "map_to_odom", corrections.append, received)
+    reliable = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+    keyframes = client_node.create_publisher(Keyframe, "keyframes", reliable)
+    loops = client_node.create_publisher(LoopClosure, "loop_closures", reliable)
+    try:
+        client = client_node.create_client(LoadMap, "/pose_graph_node/load_graph")
+        assert spin_until(executor, client.service_is_ready, 30.0)
+        future = client.call_async(LoadMap.Request(path=str(map_file)))
+        assert spin_until(executor, future.done, 30.0) and future.result().success, future.result()
+        assert "session 1, not localised" in future.result().message
+        assert spin_until(executor, lambda: localized and localized[-1] is False, 30.0)
+        assert spin_until(executor, lambda: keyframes.get_subscription_count() and loops.get_subscription_count(), 30.0)
+        for k in range(START, START + 10):
+            T = T_ODOM1_ODOM0 @ invert(sc.odom[START]) @ sc.odom[k]
+            keyframes.publish(Keyframe(header=_header(ns_to_stamp(k * 10**8)), id=OFFSET + k, odom_pose=pose_with_covariance(T, np.zeros((6, 6)))))
+        assert spin_until(executor, lambda: node.keyframes_handled == 10, 30.0)
+        assert corrections == [] and node.status()["localized"] is False
+        for n, k in enumerate((START + 2, START + 8)):
+            j, i, T_ji = _true_loop(sc, k)
+            loops.publish(LoopClosure(header=_header(ns_to_stamp((n + 1) * 10**9)), query_id=i, match_id=j, verified=True,
+                                      relative_pose=pose_with_covariance(T_ji, _loop_cov())))
+            assert spin_until(executor, lambda: node.loops_handled == n + 1, 30.0)
+        assert spin_until(executor, lambda: corrections and localized[-1] is True, 30.0)
+        # The only map->odom came from the second loop: neither keyframes nor the first loop alone published one.
+        assert {c.header.stamp.sec for c in corrections} == {2}
+        assert node.status()["localized"] is True and node.status()["session"] == 1
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        client_node.destroy_node()
+
+
+def _header(stamp):
+    from std_msgs.msg import Header
+
+    return Header(stamp=stamp, frame_id="odom")

@@ -1,9 +1,13 @@
-"""pose_graph_node: keyframes + verified loops in, optimised path and map->odom correction out."""
+"""pose_graph_node: keyframes + verified loops in, optimised path and map->odom correction out.
+
+After `~/load_graph` the node continues in a new session (another run, another odometry frame):
+map->odom is published only once that session is anchored to the loaded map, and the latched
+`localized` topic says whether it is.
+"""
 
 from __future__ import annotations
 
 import time
-from collections import deque
 from typing import Any
 
 import numpy as np
@@ -11,11 +15,12 @@ from geometry_msgs.msg import Point, PoseStamped, TransformStamped
 from nav_msgs.msg import Path
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
-from std_msgs.msg import Header
+from std_msgs.msg import Bool, Header
 from visualization_msgs.msg import Marker, MarkerArray
 
 from bevplace_ros.msg import Keyframe, LoopClosure
 from bevplace_ros.nodes.conversions import matrix_to_pose, ns_to_stamp, pose_to_matrix, stamp_to_sec
+from bevplace_ros.nodes.diagnostics import NodeDiagnostics
 from bevplace_ros.nodes.map_services import serve_save_load
 from bevplace_ros.nodes.parameters import ParamSpec, config_from_params, declare_parameters, specs_from_config
 from bevplace_ros.pose_graph import LOOP_KERNELS, PoseGraph, PoseGraphConfig, PoseGraphError
@@ -37,6 +42,10 @@ GRAPH_DOCS = {
     "relinearize_threshold": ("iSAM2 relinearisation threshold (tangent-space change).", 1e-6, 10.0),
     "relinearize_skip": ("iSAM2: check relinearisation every this many odometry updates (loops always relinearise).", 1, 100),
     "loop_extra_updates": ("Extra iSAM2 iterations after each loop.", 0, 100),
+    "anchor_loops": ("A new session joins the map after this many agreeing loops to it, from different keyframes.", 1, 100),
+    "anchor_agree_translation": ("Anchor hypotheses agree within this, plus the chain sigmas [m].", 0.01, 1e4),
+    "anchor_agree_rotation_deg": ("Anchor hypotheses agree within this, plus the chain sigmas [deg].", 0.01, 180.0),
+    "max_pending_loops": ("Anchor hypotheses held per unanchored session (oldest dropped).", 1, 100_000),
 }
 
 PARAMS = [
@@ -55,7 +64,8 @@ class PoseGraphNode(Node):
         self.params = declare_parameters(self, PARAMS, self._on_change)
         self.graph = PoseGraph(config_from_params(PoseGraphConfig, self.params, PREFIX))
         self._pending: dict[int, list[LoopClosure]] = {}  # loops waiting for their query keyframe
-        self.latency_ms: deque[float] = deque(maxlen=10000)  # graph update + publishing, per input
+        self.diagnostics = NodeDiagnostics(self, self.status)
+        self.latency_ms = self.diagnostics.stage("pose_graph")  # graph update + publishing, per input
         self.keyframes_handled = 0
         self.loops_handled = 0
         latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -63,10 +73,16 @@ class PoseGraphNode(Node):
         self.path_pub = self.create_publisher(Path, "optimized_path", latched)
         self.correction_pub = self.create_publisher(TransformStamped, "map_to_odom", latched)
         self.marker_pub = self.create_publisher(MarkerArray, "loop_markers", latched)
+        self.localized_pub = self.create_publisher(Bool, "localized", latched)
         self.tf_pub, self._tf_message = self._tf_publisher() if self.params["publish_tf"] else (None, None)
         self.create_subscription(Keyframe, "keyframes", self._on_keyframe, reliable)
         self.create_subscription(LoopClosure, "loop_closures", self._on_loop, reliable)
         serve_save_load(self, "graph", lambda: self.params["graph_file"], self._save_graph, self._load_graph, (PoseGraphError,))
+        self.localized_pub.publish(Bool(data=self.graph.localized))
+
+    def status(self) -> dict[str, Any]:
+        """Diagnostics: live session, whether it is localised in the map, counts."""
+        return {**self.graph.status(), "keyframes_handled": self.keyframes_handled, "loops_handled": self.loops_handled}
 
     def _tf_publisher(self):
         try:
@@ -85,7 +101,7 @@ class PoseGraphNode(Node):
         try:
             self.graph.add_keyframe(int(msg.id), stamp_to_sec(msg.header.stamp), pose_to_matrix(msg.odom_pose.pose))
         except (PoseGraphError, ValueError) as err:
-            self.get_logger().warn(f"keyframe {msg.id} ignored: {err}", throttle_duration_sec=5.0)
+            self.diagnostics.skip("bad keyframe", f"keyframe {msg.id}: {err}", what="keyframe")
             return
         finally:
             self.keyframes_handled += 1
@@ -112,14 +128,15 @@ class PoseGraphNode(Node):
             covariance = np.asarray(msg.relative_pose.covariance, dtype=float).reshape(6, 6)
             decision = self.graph.add_loop(int(msg.match_id), int(msg.query_id), pose_to_matrix(msg.relative_pose.pose), covariance)
         except (PoseGraphError, ValueError) as err:
-            self.get_logger().warn(f"loop {msg.match_id}<-{msg.query_id} ignored: {err}", throttle_duration_sec=5.0)
+            self.diagnostics.skip("bad loop", f"loop {msg.match_id}<-{msg.query_id}: {err}", what="loop")
             return
-        log = self.get_logger().info if decision.accepted else self.get_logger().warn
+        log = self.get_logger().info if decision.accepted or decision.held else self.get_logger().warning
         log(f"loop {msg.match_id}<-{msg.query_id}: {decision.reason}")
 
     def _publish(self, stamp) -> None:
         if not self.graph.keys:
             return
+        self.localized_pub.publish(Bool(data=self.graph.localized))
         poses = self.graph.optimized_poses()
         path = Path()
         path.header.stamp, path.header.frame_id = stamp, self.params["map_frame"]
@@ -127,14 +144,15 @@ class PoseGraphNode(Node):
         path.poses = [PoseStamped(header=Header(stamp=ns_to_stamp(round(stamps[key] * 1e9)), frame_id=path.header.frame_id), pose=matrix_to_pose(T))
                       for key, T in poses.items()]
         self.path_pub.publish(path)
-        correction = self._correction(stamp)
-        self.correction_pub.publish(correction)
-        if self.tf_pub is not None:
-            self.tf_pub.publish(self._tf_message(transforms=[correction]))
+        T_map_odom = self.graph.map_to_odom()
+        if T_map_odom is not None:  # None: the live session is not anchored yet, so there is no map->odom
+            correction = self._correction(stamp, T_map_odom)
+            self.correction_pub.publish(correction)
+            if self.tf_pub is not None:
+                self.tf_pub.publish(self._tf_message(transforms=[correction]))
         self.marker_pub.publish(self._loop_markers(stamp, poses))
 
-    def _correction(self, stamp) -> TransformStamped:
-        T = self.graph.map_to_odom()
+    def _correction(self, stamp, T: np.ndarray) -> TransformStamped:
         msg = TransformStamped()
         msg.header.stamp, msg.header.frame_id, msg.child_frame_id = stamp, self.params["map_frame"], self.params["odom_frame"]
         pose = matrix_to_pose(T)
@@ -143,24 +161,34 @@ class PoseGraphNode(Node):
         return msg
 
     def _loop_markers(self, stamp, poses: dict[int, np.ndarray]) -> MarkerArray:
-        marker = Marker(type=Marker.LINE_LIST, action=Marker.ADD, ns="loops", id=0)
-        marker.header.stamp, marker.header.frame_id = stamp, self.params["map_frame"]
-        marker.scale.x = 0.3
-        marker.color.g, marker.color.a = 1.0, 1.0
-        marker.pose.orientation.w = 1.0
+        """Loops within a session in green (ns "loops"), between sessions in magenta (ns "inter_session")."""
+        sessions = self.graph.sessions()
+        markers = []
+        for marker_id, (ns, rgb) in enumerate((("loops", (0.0, 1.0, 0.0)), ("inter_session", (1.0, 0.0, 1.0)))):
+            marker = Marker(type=Marker.LINE_LIST, action=Marker.ADD, ns=ns, id=marker_id)
+            marker.header.stamp, marker.header.frame_id = stamp, self.params["map_frame"]
+            marker.scale.x = 0.3
+            (marker.color.r, marker.color.g, marker.color.b), marker.color.a = rgb, 1.0
+            marker.pose.orientation.w = 1.0
+            markers.append(marker)
         for loop in self.graph.loops():
+            marker = markers[int(sessions[loop.match_key] != sessions[loop.query_key])]
             for key in (loop.match_key, loop.query_key):
                 x, y, z = poses[key][:3, 3]
                 marker.points.append(Point(x=float(x), y=float(y), z=float(z)))
-        return MarkerArray(markers=[marker])
+        return MarkerArray(markers=markers)
 
     def _save_graph(self, path: str) -> str:
         self.graph.save(path)
         return f"saved {len(self.graph.keys)} keyframes, {len(self.graph.loops())} loops"
 
     def _load_graph(self, path: str) -> str:
-        self.graph = PoseGraph.load(path)
-        return f"loaded {len(self.graph.keys)} keyframes, {len(self.graph.loops())} loops"
+        graph = PoseGraph.load(path)
+        session = graph.start_session()
+        self.graph = graph
+        self.localized_pub.publish(Bool(data=graph.localized))
+        return (f"loaded {len(graph.keys)} keyframes in {len(set(graph.sessions().values()))} sessions, {len(graph.loops())} loops; "
+                f"new keyframes are session {session}, not localised until it is anchored")
 
 
 def main(args: list[str] | None = None) -> int:
