@@ -58,6 +58,7 @@ class LoopDetector:
         self.database = database
         self.bevs = bev_store
         self.positions: dict[int, np.ndarray] = {}  # odometry position per keyframe (24 bytes each)
+        self.session = 0  # the run new keyframes belong to; recency exclusions apply within it only
 
     def next_id(self) -> int:
         return max(self.positions, default=-1) + 1
@@ -67,16 +68,17 @@ class LoopDetector:
         key = self.next_id()
         features = self.recognizer.describe(points)
         candidates = self._candidates(key, stamp, features, odom_pose[:3, 3])
-        self.database.add(key, stamp, features.descriptor)
+        self.database.add(key, stamp, features.descriptor, self.session)
         self.bevs.put(key, np.round(features.bev * 255).astype(np.uint8))
         self.positions[key] = np.asarray(odom_pose[:3, 3], dtype=float)
         return DetectedKeyframe(key, features, candidates)
 
     def _candidates(self, key: int, stamp: float, features: PlaceFeatures, position: np.ndarray) -> list[Candidate]:
-        matches = self.database.query(features.descriptor, stamp, self.cfg.top_k, self.cfg.exclude_recent, self.cfg.exclude_seconds)
+        matches = self.database.query(features.descriptor, stamp, self.cfg.top_k, self.cfg.exclude_recent, self.cfg.exclude_seconds, self.session)
         out = []
         for rank, match in enumerate(m for m in matches if m.distance <= self.cfg.max_descriptor_distance):
-            odom_distance = float(np.linalg.norm(self.positions[match.keyframe_id] - position))
+            # another session's odometry frame is unrelated: no distance (NaN), never filtered
+            odom_distance = float(np.linalg.norm(self.positions[match.keyframe_id] - position)) if match.session == self.session else float("nan")
             if self.cfg.max_odom_distance and odom_distance > self.cfg.max_odom_distance:
                 continue
             out.append(Candidate(key, match.keyframe_id, stamp, match.stamp, rank, float(match.distance), odom_distance,

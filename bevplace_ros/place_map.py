@@ -82,6 +82,7 @@ class PlaceMap:
         d = self.detector
         d.database = database
         d.positions = {int(k): p for k, p in zip(saved["position_keys"], saved["positions"])}
+        d.session = database.next_session()  # new keyframes are a new run, relocalising against all saved ones
         d.bevs.clear()
         for key, image in zip(saved["bev_keys"], saved["bevs"]):
             d.bevs.put(int(key), image)
