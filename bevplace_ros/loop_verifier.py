@@ -13,13 +13,15 @@ point matches) has enough inliers, the registration must agree with it in x, y a
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from bevplace_ros.keyframe_store import KeyframeStore, KeyframeStoreConfig
-from bevplace_ros.registration import Registrar, RegistrationConfig, RegistrationResult
+from bevplace_ros.registration import Registrar, RegistrationConfig, RegistrationInputError, RegistrationResult
+from bevplace_ros.registration.registrar import rejected
 from bevplace_ros.se3 import invert, matrix_to_xyyaw, transform_points
 
 
@@ -62,8 +64,15 @@ class LoopVerifier:
         self.clouds.put(key, np.asarray(points[:, :3], dtype=np.float32))
 
     def verify(self, query_id: int, match_id: int, bev_guess: np.ndarray | None = None, bev_inliers: int = 0) -> RegistrationResult:
-        """Register query onto match, then the second check; raises UnknownKeyframe when a cloud is not stored."""
-        result = self.register(query_id, match_id, bev_guess, bev_inliers)
+        """Register query onto match, then the second check; raises UnknownKeyframe when a cloud is not stored.
+
+        A cloud the registrar cannot use (too few points, NaNs only, collinear, coplanar) gives a rejected result
+        naming why, never an exception: one bad keyframe must not stop the node."""
+        start = time.perf_counter()
+        try:
+            result = self.register(query_id, match_id, bev_guess, bev_inliers)
+        except RegistrationInputError as err:
+            return rejected(f"bad input: {err}", {"total": (time.perf_counter() - start) * 1e3})
         if not result.verified:
             return result
         reason = self.second_check(result.transform, query_id, match_id, bev_guess, bev_inliers)

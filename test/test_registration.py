@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 
@@ -167,3 +168,101 @@ def test_cpu_and_cuda_agree(kitti):
     results = [Registrar(RegistrationConfig(device=d, use_network=True)).register(scans[0], scans[1]) for d in ("cpu", "cuda")]
     assert translation_error(results[0].transform, results[1].transform) < 0.05
     assert rotation_error_deg(results[0].transform, results[1].transform) < 0.1
+
+
+@pytest.fixture(scope="module")
+def real_pairs(shared_data: Path):
+    from bevplace_ros.registration.real_pairs import load_real_pairs
+
+    pairs = load_real_pairs(shared_data)
+    assert [p.name for p in pairs] == ["kitti00_0-5", "kitti00_0-15", "kitti00_5-15", "kitti00_94-95",
+                                       "kitti00_198-199", "small_gicp"]
+    return pairs
+
+
+@pytest.mark.slow
+def test_kiss_matcher_registers_every_real_pair_from_any_yaw(real_pairs, rng):
+    """KITTI 00 (5 pairs) and small_gicp (another sensor), source spun: within 0.2 m / 0.5 deg of GICP from the given
+    pose, and verified. (FPFH + RANSAC finds 0-15 too but can fall under the inlier-ratio floor: docs/registration.md.)"""
+    registrar = Registrar(RegistrationConfig(classical="kiss_matcher", device="cpu"))
+    for pair in real_pairs:
+        tgt = registrar.preprocess(pair.target)
+        T_ref = gicp_refine(registrar.preprocess(pair.source), tgt, pair.T_given, registrar.cfg.refine).transform
+        spin = make_transform(random_rotation(rng, 180.0, axis=np.array([0.0, 0.0, 1.0])), np.zeros(3))
+        res = registrar.register_prepared(registrar.preprocess(transform_points(spin, pair.source)), tgt)
+        truth = T_ref @ invert(spin)
+        assert translation_error(res.transform, truth) <= 0.2, pair.name
+        assert rotation_error_deg(res.transform, truth) <= 0.5, pair.name
+        assert res.verified, (pair.name, res.reason)
+
+
+def test_kiss_matcher_reports_its_stages_and_rejects_a_false_pair(kitti):
+    from bevplace_ros.registration.sim_pairs import sample_pairs
+
+    registrar = Registrar(RegistrationConfig(classical="kiss_matcher", device="cpu"))
+    assert registrar.model is None  # no network weights are loaded for a classical method
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        pair = sample_pairs("industrial", 7, {"false": 1})[0]
+    res = registrar.register(pair.source, pair.target)
+    assert not res.verified and res.reason
+    assert set(res.timings) >= {"match", "pose", "refine", "total"}
+
+
+def _line(rng, n=2000):
+    return np.outer(rng.uniform(3, 50, n), [0.6, 0.8, 0.0]) + [0.0, 0.0, -1.7]
+
+
+def _plane(rng, n=5000):
+    xy = rng.uniform(-40, 40, (n, 2))
+    return np.column_stack([xy, 0.05 * xy[:, 0] - 1.7])  # a sloped plane, not axis-aligned in z
+
+
+@pytest.mark.parametrize("method", ["kiss_matcher", "fpfh_ransac", "network"])
+def test_bad_clouds_are_rejected_with_a_named_reason_quickly(method, kitti, rng):
+    """What the node's verifier returns for unusable keyframes: a rejected result naming why, in under 1 s."""
+    from bevplace_ros.keyframe_store import KeyframeStoreConfig
+    from bevplace_ros.loop_verifier import LoopVerifier, LoopVerifierConfig
+    from bevplace_ros.registration.registrar import method_options
+
+    verifier = LoopVerifier(LoopVerifierConfig(), RegistrationConfig(device="cpu", **method_options(method)),
+                            KeyframeStoreConfig())
+    good = kitti[0][0]
+    nan_rows = np.full((5000, 3), np.nan)
+    cases = {"finite points": rng.uniform(-20, 20, (50, 3)), "finite points ": nan_rows,
+             "collinear": _line(rng), "coplanar": _plane(rng)}
+    verifier.add_keyframe(0, good)
+    for key, (reason, cloud) in enumerate(cases.items(), start=1):
+        verifier.add_keyframe(key, cloud)
+        for query, match in ((key, 0), (0, key)):
+            start = time.perf_counter()
+            res = verifier.verify(query, match)
+            assert time.perf_counter() - start < 1.0, reason
+            assert not res.verified and reason.strip() in res.reason and res.reason.startswith("bad input")
+            assert np.array_equal(res.transform, np.eye(4)) and np.linalg.eigvalsh(res.covariance).min() > 0
+
+
+@pytest.mark.parametrize("method", ["kiss_matcher", "fpfh_ransac"])
+def test_identical_clouds_give_identity_with_covariance_and_nan_rows_are_dropped(method, kitti, rng):
+    from bevplace_ros.keyframe_store import KeyframeStoreConfig
+    from bevplace_ros.loop_verifier import LoopVerifier, LoopVerifierConfig
+
+    verifier = LoopVerifier(LoopVerifierConfig(), RegistrationConfig(device="cpu", classical=method), KeyframeStoreConfig())
+    scans, poses = kitti
+    holed = scans[1][::4].copy()
+    holed[rng.choice(len(holed), 500, replace=False), :3] = np.nan  # NaN rows are dropped, the rest registers
+    for key, cloud in enumerate((scans[0][::4], scans[0][::4], holed)):
+        verifier.add_keyframe(key, cloud)
+    verifier.verify(0, 0)  # prepares (and caches) keyframe 0, as the node does before its candidates
+    for query, match in ((0, 0), (0, 1)):
+        start = time.perf_counter()
+        res = verifier.verify(query, match)
+        assert time.perf_counter() - start < 1.0
+        assert res.verified, res.reason
+        assert translation_error(res.transform, np.eye(4)) < 0.02 and rotation_error_deg(res.transform, np.eye(4)) < 0.1
+        cov = res.covariance
+        np.testing.assert_allclose(cov, cov.T, atol=1e-12)
+        assert 0 < np.linalg.eigvalsh(cov).min() and np.linalg.eigvalsh(cov).max() < 1.0
+    res = verifier.verify(2, 0)
+    truth = invert(poses[0]) @ poses[1]
+    assert res.verified and translation_error(res.transform, truth) < 1.0 and rotation_error_deg(res.transform, truth) < 1.5

@@ -21,6 +21,7 @@ from bevplace_ros.nodes.parameters import ParamSpec, config_from_params, declare
 from bevplace_ros.nodes.worker import QueueWorker
 from bevplace_ros.pointcloud2 import PointCloud2Error, xyz_intensity
 from bevplace_ros.registration import RegistrationConfig
+from bevplace_ros.registration.registrar import METHODS, method_options
 from bevplace_ros.registration.refine import RefineConfig
 from bevplace_ros.registration.verification import VerificationConfig
 from bevplace_ros.se3 import xyyaw_to_matrix
@@ -28,8 +29,8 @@ from bevplace_ros.se3 import xyyaw_to_matrix
 PARAMS = [
     ParamSpec("registration.weights", "", "Registration network weights (.pt); empty = the shipped weights.", runtime=False),
     ParamSpec("registration.device", RegistrationConfig.device, "Torch device for the matcher.", choices=DEVICE_CHOICES, runtime=False),
-    ParamSpec("registration.use_network", RegistrationConfig.use_network, "Learned RoITr-lite matcher (true) or FPFH + RANSAC (false, the better of the two with the shipped weights).", runtime=False),
-    ParamSpec("registration.classical_fallback", RegistrationConfig.classical_fallback, "With the network: retry a rejected pair with FPFH + RANSAC.", runtime=False),
+    ParamSpec("registration.method", RegistrationConfig().method, "Global registration: 'fpfh_ransac' (hand-written FPFH + RANSAC), 'kiss_matcher' (KISS-Matcher) or 'network' (RoITr-lite); docs/registration.md compares them.", choices=METHODS, runtime=False),
+    ParamSpec("registration.classical_fallback", RegistrationConfig.classical_fallback, "With method 'network': retry a rejected pair with FPFH + RANSAC.", runtime=False),
     ParamSpec("registration.refine", RefineConfig.enabled, "Refine the coarse pose with small_gicp GICP.", runtime=False),
     *specs_from_config(VerificationConfig, "verification.", {
         "min_fitness": ("Accept a loop only if this share of query points has a match-cloud neighbour after alignment.", 0.0, 1.0),
@@ -67,7 +68,7 @@ class RegistrationNode(Node):
         self.params = declare_parameters(self, PARAMS, self._on_change)
         p = self.params
         registration = RegistrationConfig(
-            weights=p["registration.weights"] or RegistrationConfig.weights, device=p["registration.device"], use_network=p["registration.use_network"],
+            weights=p["registration.weights"] or RegistrationConfig.weights, device=p["registration.device"], **method_options(p["registration.method"]),
             classical_fallback=p["registration.classical_fallback"],
             refine=RefineConfig(enabled=p["registration.refine"]),
             verification=config_from_params(VerificationConfig, p, "verification."),
@@ -77,7 +78,7 @@ class RegistrationNode(Node):
             registration,
             replace(config_from_params(KeyframeStoreConfig, p, "store."), spill_dir=p["store.spill_dir"]),
         )
-        self.method = ("roitr_lite" + ("|fpfh_ransac" if registration.classical_fallback else "")) if registration.use_network else "fpfh_ransac"
+        self.method = ("roitr_lite" + (f"|{registration.classical}" if registration.classical_fallback else "")) if registration.use_network else registration.classical
         self.method += "+gicp" if registration.refine.enabled else ""
         self.worker = QueueWorker(self._verify, self._worker_error, "registration", p["queue_size"])
         self.keyframes_handled = 0

@@ -81,6 +81,7 @@ def summarise(records: list[dict], threshold: float) -> dict:
             "inlier_ratio": float(np.nanmean([r["inlier_ratio"] for r in rows])) if any(
                 np.isfinite(r["inlier_ratio"]) for r in rows) else float("nan"),
             "ms": float(np.mean([r["ms"] for r in rows])),
+            "ms_median": float(np.median([r["ms"] for r in rows])),
         }
     loops = [r for r in records if r["kind"] == "loop"]
     false = [r for r in records if r["kind"] == "false"]

@@ -30,10 +30,11 @@ class PreprocessConfig:
     patch_radius: float = 4.0  # patch members lie this close; sparse far patches repeat their centre instead
     max_superpoints: int = 512  # caps the quadratic attention cost
     min_points: int = 100  # fewer raw points than this cannot be registered reliably
+    min_spread: float = 0.01  # metres; a cloud thinner than this along a principal axis is collinear or coplanar
     num_threads: int = 2
 
     def __post_init__(self) -> None:
-        _positive(self, ("max_range", "gicp_voxel", "fine_voxel", "superpoint_voxel"))
+        _positive(self, ("max_range", "gicp_voxel", "fine_voxel", "superpoint_voxel", "min_spread"))
         if not 0.0 <= self.min_range < self.max_range:
             raise ValueError(f"min_range must be in [0, max_range={self.max_range}), got {self.min_range}")
         if not self.patch_radius >= self.superpoint_voxel / 2:
@@ -120,6 +121,17 @@ def _knn(tree: cKDTree, queries: np.ndarray, k: int, size: int, radius: float = 
     return idx
 
 
+def check_spread(xyz: np.ndarray, min_spread: float, name: str) -> None:
+    """Reject clouds with (nearly) no extent along a principal axis: no rigid pose is observable from them."""
+    spread = np.sqrt(np.maximum(np.linalg.eigvalsh(np.cov(xyz.T)), 0.0))  # ascending standard deviations
+    if spread[1] < min_spread:
+        raise RegistrationInputError(f"{name}: degenerate cloud, all points are collinear "
+                                     f"(spread {spread[1]:.3g} m < {min_spread} m across the line)")
+    if spread[0] < min_spread:
+        raise RegistrationInputError(f"{name}: degenerate cloud, all points are coplanar "
+                                     f"(spread {spread[0]:.3g} m < {min_spread} m off the plane)")
+
+
 def prepare_cloud(points: np.ndarray, cfg: PreprocessConfig, name: str = "points") -> PreparedCloud:
     """Crop, voxelise with small_gicp (normals + covariances in C++), then pick fine points and patches."""
     import time
@@ -134,6 +146,7 @@ def prepare_cloud(points: np.ndarray, cfg: PreprocessConfig, name: str = "points
         raise RegistrationInputError(
             f"{name}: only {len(xyz)} finite points within [{cfg.min_range}, {cfg.max_range}] m; "
             f"need at least {cfg.min_points}")
+    check_spread(xyz, cfg.min_spread, name)
     cloud, tree = small_gicp.preprocess_points(xyz, cfg.gicp_voxel, num_neighbors=cfg.normal_neighbors,
                                                num_threads=cfg.num_threads)
     gicp_points = np.asarray(cloud.points())[:, :3].copy()

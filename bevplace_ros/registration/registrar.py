@@ -14,6 +14,7 @@ from bevplace_ros.registration.covariance import (
     to_ros_order,
 )
 from bevplace_ros.registration.errors import RegistrationInputError
+from bevplace_ros.registration.kiss import KissConfig
 from bevplace_ros.registration.matching import Correspondences, MatchingConfig
 from bevplace_ros.registration.pose_estimation import PoseConfig, PoseEstimate
 from bevplace_ros.registration.preprocess import (
@@ -25,6 +26,17 @@ from bevplace_ros.registration.refine import RefineConfig, gicp_refine
 from bevplace_ros.registration.verification import VerificationConfig, verify
 
 
+CLASSICAL_METHODS = ("fpfh_ransac", "kiss_matcher")
+METHODS = ("network", *CLASSICAL_METHODS)
+
+
+def method_options(method: str) -> dict:
+    """RegistrationConfig fields that select `method` (one of METHODS); the network falls back to FPFH + RANSAC."""
+    if method not in METHODS:
+        raise ValueError(f"registration method must be one of {METHODS}, got {method!r}")
+    return {"use_network": method == "network", **({} if method == "network" else {"classical": method})}
+
+
 @dataclass(frozen=True)
 class RegistrationConfig:
     """Everything the registrar needs; each stage keeps its own validated config."""
@@ -33,11 +45,13 @@ class RegistrationConfig:
     device: str = "auto"
     # The shipped network had one CPU epoch and loses to FPFH + RANSAC on every held-out figure
     # (docs/registration.md), so the classical path is the default until a longer training run.
-    use_network: bool = False  # True: the RoITr-lite matcher (with classical_fallback); False: FPFH + RANSAC
-    classical_fallback: bool = True  # retry a network result that fails verification with FPFH + RANSAC
+    use_network: bool = False  # True: the RoITr-lite matcher (with classical_fallback); False: `classical` alone
+    classical: str = "fpfh_ransac"  # one of CLASSICAL_METHODS: the classical path, alone or as the network's fallback
+    classical_fallback: bool = True  # retry a network result that fails verification with `classical`
     torch_threads: int = 1  # CPU threads for torch; 1 avoids OpenMP spinning on a shared 2-core box
     seed: int = 0  # RANSAC sampling
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    kiss: KissConfig = field(default_factory=KissConfig)
     matching: MatchingConfig = field(default_factory=MatchingConfig)
     pose: PoseConfig = field(default_factory=PoseConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
@@ -46,6 +60,13 @@ class RegistrationConfig:
     def __post_init__(self) -> None:
         if self.torch_threads < 1:
             raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
+        if self.classical not in CLASSICAL_METHODS:
+            raise ValueError(f"classical must be one of {CLASSICAL_METHODS}, got {self.classical!r}")
+
+    @property
+    def method(self) -> str:
+        """The primary method's name, one of METHODS."""
+        return "network" if self.use_network else self.classical
 
 
 @dataclass(frozen=True)
@@ -64,6 +85,21 @@ class RegistrationResult:
     def covariance_ros(self) -> np.ndarray:
         """Covariance in geometry_msgs/PoseWithCovariance order (x, y, z, roll, pitch, yaw)."""
         return to_ros_order(self.covariance)
+
+
+def rejected(reason: str, timings: dict[str, float] | None = None, num_correspondences: int = 0) -> RegistrationResult:
+    """The defined answer to a pair that cannot be registered: identity, a vague covariance, not verified."""
+    return RegistrationResult(transform=np.eye(4), covariance=np.eye(6) * 1e4, fitness=0.0, inlier_ratio=0.0,
+                              num_correspondences=num_correspondences, verified=False, reason=reason,
+                              timings=timings if timings is not None else {"total": 0.0})
+
+
+def same_cloud(src: PreparedCloud, tgt: PreparedCloud) -> bool:
+    """Identical inputs: no global search is needed (KISS-Matcher's pruning is slowest when every match agrees).
+
+    small_gicp's threaded voxelisation does not keep point order, so the clouds are compared sorted."""
+    return src is tgt or (src.gicp_points.shape == tgt.gicp_points.shape
+                          and np.array_equal(np.sort(src.gicp_points, axis=0), np.sort(tgt.gicp_points, axis=0)))
 
 
 def _check_guess(guess: np.ndarray | None) -> np.ndarray | None:
@@ -107,9 +143,7 @@ class Registrar:
             with torch.inference_mode():
                 cloud.features["encoded"] = encode_arrays(self.model, cloud.arrays(), self.device)
         else:
-            from bevplace_ros.registration.fpfh import cloud_fpfh
-
-            cloud_fpfh(cloud)
+            self._classical_features(cloud)
         cloud.timings["features"] = (time.perf_counter() - start) * 1e3
         return cloud
 
@@ -118,9 +152,9 @@ class Registrar:
         """T_target_source for raw clouds (N, >=3); `initial_guess` is an optional prior, not required."""
         guess = _check_guess(initial_guess)
         src = self.preprocess(source, "source")
-        tgt = self.preprocess(target, "target")
+        tgt = src if np.array_equal(source, target) else self.preprocess(target, "target")
         result = self.register_prepared(src, tgt, guess)
-        prep = {"preprocess": sum(src.timings.values()) + sum(tgt.timings.values())}
+        prep = {"preprocess": sum(src.timings.values()) + (sum(tgt.timings.values()) if tgt is not src else 0.0)}
         timings = {**prep, **result.timings, "total": result.timings["total"] + prep["preprocess"]}
         return RegistrationResult(**{**result.__dict__, "timings": timings})
 
@@ -131,10 +165,8 @@ class Registrar:
         start = time.perf_counter()
         result = self._attempt(src, tgt, guess, self.model is not None)
         if not result.verified and self.model is not None and self.cfg.classical_fallback:
-            from bevplace_ros.registration.fpfh import cloud_fpfh
-
             for cloud in (src, tgt):
-                cloud_fpfh(cloud)
+                self._classical_features(cloud)
             retry = self._attempt(src, tgt, guess, False)
             timings = {**result.timings, "fallback": retry.timings["total"]}
             if retry.verified or retry.fitness > result.fitness:
@@ -142,6 +174,17 @@ class Registrar:
             result = RegistrationResult(**{**result.__dict__, "timings": timings})
         result.timings["total"] = (time.perf_counter() - start) * 1e3
         return result
+
+    def _classical_features(self, cloud: PreparedCloud) -> None:
+        """What the classical method needs from one cloud, cached on it (FPFH, or KISS-Matcher's voxelised input)."""
+        if self.cfg.classical == "kiss_matcher":
+            from bevplace_ros.registration.kiss import kiss_points
+
+            kiss_points(cloud, self.cfg.kiss)
+        else:
+            from bevplace_ros.registration.fpfh import cloud_fpfh
+
+            cloud_fpfh(cloud)
 
     def _attempt(self, src: PreparedCloud, tgt: PreparedCloud, guess: np.ndarray | None, network: bool
                  ) -> RegistrationResult:
@@ -172,14 +215,22 @@ class Registrar:
 
     def _estimate(self, src: PreparedCloud, tgt: PreparedCloud, guess: np.ndarray | None,
                   timings: dict[str, float], network: bool) -> tuple[PoseEstimate | None, tuple[np.ndarray, np.ndarray]]:
-        """Robust pose from network (LGR) or FPFH (RANSAC) correspondences, and the matched points."""
+        """Robust pose from network (LGR), FPFH (RANSAC) or KISS-Matcher correspondences, and the matched points."""
         import torch
 
         from bevplace_ros.registration import pose_estimation as pe
 
         t0 = time.perf_counter()
+        if same_cloud(src, tgt):  # GICP from identity is exact and fast
+            points = torch.as_tensor(src.fine_points, dtype=torch.float64)
+            timings["match"] = timings["pose"] = 0.0
+            return PoseEstimate(transform=torch.eye(4, dtype=torch.float64), inliers=torch.ones(len(points), dtype=torch.bool),
+                                inlier_ratio=1.0, num_hypotheses=1), (src.fine_points, src.fine_points)
         extra = None if guess is None else torch.as_tensor(guess, device=self.device)[None]  # prior = 1 hypothesis
         with torch.inference_mode():
+            if not network and self.cfg.classical == "kiss_matcher":  # no prior: it has no hypothesis to add
+                estimate, src_pts, tgt_pts = self._kiss(src, tgt, timings)
+                return estimate, (src_pts.numpy(), tgt_pts.numpy())
             if network:
                 corr = self._network_correspondences(src, tgt)
                 timings["match"] = (time.perf_counter() - t0) * 1e3
@@ -199,6 +250,25 @@ class Registrar:
         timings["pose"] = (time.perf_counter() - t1) * 1e3
         return estimate, (src_pts.double().cpu().numpy(), tgt_pts.double().cpu().numpy())
 
+    def _kiss(self, src: PreparedCloud, tgt: PreparedCloud, timings: dict[str, float]
+              ) -> tuple[PoseEstimate | None, "torch.Tensor", "torch.Tensor"]:
+        """KISS-Matcher's pose as a PoseEstimate; its matched points carry the inlier mask (for the no-GICP Hessian)."""
+        import torch
+
+        from bevplace_ros.registration.kiss import kiss_estimate
+
+        out = kiss_estimate(src, tgt, self.cfg.kiss)
+        timings["match"], timings["pose"] = out.match_ms, out.pose_ms
+        src_pts = torch.as_tensor(out.src_matched, dtype=torch.float64)
+        tgt_pts = torch.as_tensor(out.tgt_matched, dtype=torch.float64)
+        if not out.valid:
+            return None, src_pts, tgt_pts
+        transform = torch.as_tensor(out.transform)
+        moved = src_pts @ transform[:3, :3].T + transform[:3, 3]
+        inliers = torch.linalg.norm(moved - tgt_pts, dim=1) < self.cfg.pose.inlier_distance
+        return PoseEstimate(transform=transform, inliers=inliers, inlier_ratio=out.inlier_ratio,
+                            num_hypotheses=1), src_pts, tgt_pts
+
     def _network_correspondences(self, src: PreparedCloud, tgt: PreparedCloud) -> Correspondences:
         import torch
 
@@ -216,5 +286,4 @@ class Registrar:
 
     def _failure(self, reason: str, num_corr: int, timings: dict[str, float], start: float) -> RegistrationResult:
         timings["total"] = (time.perf_counter() - start) * 1e3
-        return RegistrationResult(transform=np.eye(4), covariance=np.eye(6) * 1e4, fitness=0.0, inlier_ratio=0.0,
-                                  num_correspondences=num_corr, verified=False, reason=reason, timings=timings)
+        return rejected(reason, timings, num_corr)
