@@ -6,23 +6,22 @@ Everything returned is numpy on the CPU so callers (nodes, database, registratio
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-
 import numpy as np
 
 from bevplace_ros.bev import BEVConfig, make_bev
 from bevplace_ros.bev_pose import BEVKeypoints, BEVPose, BEVPoseConfig, estimate_pose, extract_keypoints
 from bevplace_ros.device import DEVICE_CHOICES
-from bevplace_ros.models.checkpoint import DEFAULT_PLACE_WEIGHTS, load_place_model
+from bevplace_ros.models.checkpoint import EQUIVARIANT, MODEL_KINDS, load_place_model, shipped_weights
 
 
 @dataclass(frozen=True)
 class PlaceRecognizerConfig:
     bev: BEVConfig = field(default_factory=BEVConfig)
     pose: BEVPoseConfig = field(default_factory=BEVPoseConfig)
-    rotations: int = 8  # group size of the equivariant backbone; cost grows linearly
+    rotations: int = 8  # group size of the equivariant backbone; cost grows linearly (bevplace_v1: fixed 5 x 5 group)
     device: str = "auto"
-    weights: str | None = str(DEFAULT_PLACE_WEIGHTS)  # None or "random": untrained, seeded
+    model: str = EQUIVARIANT  # "bevplace_equivariant" (ours) or "bevplace_v1" (the BEVPlace authors' network)
+    weights: str | None = ""  # "": the shipped weights of `model`; None or "random": untrained, seeded; a file must hold `model`
     seed: int = 0  # seeds the untrained model only
     batch_size: int = 8  # images per network call in describe_images
 
@@ -31,6 +30,8 @@ class PlaceRecognizerConfig:
             raise ValueError(f"PlaceRecognizerConfig.rotations must be in [1, 64], got {self.rotations}")
         if self.device not in DEVICE_CHOICES:
             raise ValueError(f"PlaceRecognizerConfig.device must be one of {DEVICE_CHOICES}, got {self.device!r}")
+        if self.model not in MODEL_KINDS:
+            raise ValueError(f"PlaceRecognizerConfig.model must be one of {MODEL_KINDS}, got {self.model!r}")
         if self.batch_size < 1:
             raise ValueError(f"PlaceRecognizerConfig.batch_size must be >= 1, got {self.batch_size}")
 
@@ -40,7 +41,7 @@ class PlaceFeatures:
     """What one keyframe contributes: image, equivariant local features, global descriptor."""
 
     bev: np.ndarray  # (H, W) float32 in [0, 1]
-    local: np.ndarray  # (128, h, w) float32
+    local: np.ndarray  # (128, h, w) float32: the feature map (bevplace_v1: its 5-pixel keypoint grid)
     descriptor: np.ndarray  # (D,) float32, unit norm
     keypoints: BEVKeypoints  # computed once here, reused for every pose query against this keyframe
 
@@ -53,8 +54,8 @@ class PlaceRecognizer:
 
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        weights = None if cfg.weights is None else (cfg.weights if cfg.weights == "random" else Path(cfg.weights))
-        self.model = load_place_model(weights, rotations=cfg.rotations, seed=cfg.seed).for_inference().to(self.device)
+        weights = None if cfg.weights is None else (cfg.weights if cfg.weights == "random" else shipped_weights(cfg.weights, cfg.model))
+        self.model = load_place_model(weights, rotations=cfg.rotations, seed=cfg.seed, kind=cfg.model).for_inference().to(self.device)
         self._torch = torch
 
     @property
@@ -78,7 +79,7 @@ class PlaceRecognizer:
                 local, desc = self.model(self._torch.from_numpy(chunk)[:, None].to(self.device))
                 local_np, desc_np = local.cpu().numpy(), desc.cpu().numpy()
                 for bev, loc, d in zip(chunk, local_np, desc_np):
-                    out.append(PlaceFeatures(bev, loc, d, extract_keypoints(bev, loc, self.cfg.bev, self.cfg.pose)))
+                    out.append(PlaceFeatures(bev, loc, d, extract_keypoints(bev, loc, self.cfg.bev, self.cfg.pose, self.model.feature_coords)))
         return out
 
     def relative_pose(self, a: PlaceFeatures, b: PlaceFeatures) -> BEVPose | None:

@@ -112,6 +112,9 @@ def feature_coords(pixels: torch.Tensor, size: int) -> torch.Tensor:
 class BEVPlaceNet(nn.Module):
     """forward(images (B,1,H,W)) -> (local (B,128,h,w), global (B,D)); local[k] sits on pixel 8k-pad."""
 
+    kind = "bevplace_equivariant"
+    feature_coords = staticmethod(feature_coords)  # pixel -> local-map cell, for bev_pose
+
     def __init__(self, cfg: BEVPlaceNetConfig = BEVPlaceNetConfig()) -> None:
         super().__init__()
         self.cfg = cfg
