@@ -29,7 +29,9 @@ from bevplace_ros.se3 import invert, matrix_to_xyyaw, transform_points
 class LoopVerifierConfig:
     use_bev_prior: bool = True  # hand the BEV 3-DoF guess to the registrar when it is trustworthy
     min_bev_inliers: int = 8  # BEV RANSAC inliers for the guess to count as trustworthy
-    prepared_cache: int = 8  # prepared clouds kept (a query is usually checked against several matches)
+    # Prepared clouds (voxelised, normals, features) are kept up to this many MiB, so a keyframe is featurised once,
+    # not once per candidate: ~4-5 MiB each for a KITTI scan on the classical paths, ~22 MiB with the network.
+    prepared_cache_mib: float = 256.0
     region_sectors: int = 8  # azimuth sectors of the region overlap check
     region_radius: float = 40.0  # [m] only query points this close to the sensor count (far ones see other things)
     region_distance: float = 0.5  # [m] a query point overlaps when a match point is this close after alignment
@@ -39,9 +41,9 @@ class LoopVerifierConfig:
     bev_max_yaw_deg: float = 10.0  # [deg]; the BEV check runs only when the guess has min_bev_inliers
 
     def __post_init__(self) -> None:
-        if self.min_bev_inliers < 0 or self.prepared_cache < 1 or self.region_sectors < 1:
-            raise ValueError("min_bev_inliers must be >= 0, prepared_cache >= 1 and region_sectors >= 1")
-        for name in ("region_radius", "region_distance", "bev_max_translation", "bev_max_yaw_deg"):
+        if self.min_bev_inliers < 0 or self.region_sectors < 1:
+            raise ValueError("min_bev_inliers must be >= 0 and region_sectors >= 1")
+        for name in ("prepared_cache_mib", "region_radius", "region_distance", "bev_max_translation", "bev_max_yaw_deg"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"LoopVerifierConfig.{name} must be > 0, got {getattr(self, name)}")
         for name in ("min_region_fitness", "min_region_share"):
@@ -59,6 +61,7 @@ class LoopVerifier:
         self.registrar = Registrar(registration)
         self.clouds = KeyframeStore(store)
         self._prepared: OrderedDict[int, object] = OrderedDict()
+        self._prepared_bytes: dict[int, int] = {}
 
     def add_keyframe(self, key: int, points: np.ndarray) -> None:
         self.clouds.put(key, np.asarray(points[:, :3], dtype=np.float32))
@@ -81,7 +84,7 @@ class LoopVerifier:
     def register(self, query_id: int, match_id: int, bev_guess: np.ndarray | None = None, bev_inliers: int = 0) -> RegistrationResult:
         """The registrar's result alone (its own fitness/inlier verdict, no second check)."""
         guess = bev_guess if self.cfg.use_bev_prior and bev_inliers >= self.cfg.min_bev_inliers else None
-        return self.registrar.register_prepared(self._prepare(query_id), self._prepare(match_id), guess)
+        return self.registrar.register_prepared(self.prepare(query_id), self.prepare(match_id), guess)
 
     def second_check(self, T_match_query: np.ndarray, query_id: int, match_id: int, bev_guess: np.ndarray | None = None,
                      bev_inliers: int = 0) -> str:
@@ -94,7 +97,7 @@ class LoopVerifier:
                         f"{np.hypot(x, y):.2f} m / {d_yaw:.1f} deg (caps {self.cfg.bev_max_translation} m / {self.cfg.bev_max_yaw_deg} deg)")
         if self.cfg.min_region_share == 0:
             return ""
-        overlapping, populated = self._region_overlap(T_match_query, self._prepare(query_id), self._prepare(match_id))
+        overlapping, populated = self._region_overlap(T_match_query, self.prepare(query_id), self.prepare(match_id))
         if populated and overlapping < self.cfg.min_region_share * populated:
             return (f"region overlap: only {overlapping} of {populated} sectors overlap after alignment "
                     f"(need {self.cfg.min_region_share:.0%} with fitness >= {self.cfg.min_region_fitness})")
@@ -117,7 +120,8 @@ class LoopVerifier:
         populated = total >= max(10, len(points) // (4 * n))  # a sector with a handful of points says nothing
         return int(np.sum(hits[populated] >= self.cfg.min_region_fitness * total[populated])), int(populated.sum())
 
-    def _prepare(self, key: int):
+    def prepare(self, key: int):
+        """The keyframe's prepared cloud, from the bounded cache or prepared now (once per keyframe)."""
         if key in self._prepared:
             self._prepared.move_to_end(key)
             return self._prepared[key]
@@ -126,9 +130,15 @@ class LoopVerifier:
             raise UnknownKeyframe(f"no cloud stored for keyframe {key} (never received, or dropped by the store bound)")
         prepared = self.registrar.preprocess(points, f"keyframe {key}")
         self._prepared[key] = prepared
-        while len(self._prepared) > self.cfg.prepared_cache:
-            self._prepared.popitem(last=False)
+        self._prepared_bytes[key] = prepared.nbytes()
+        while len(self._prepared) > 2 and sum(self._prepared_bytes.values()) > self.cfg.prepared_cache_mib * 2**20:
+            oldest, _ = self._prepared.popitem(last=False)  # the query and its match always stay
+            del self._prepared_bytes[oldest]
         return prepared
+
+    def prepared_cache_bytes(self) -> tuple[int, int]:
+        """(clouds, bytes) held by the prepared-cloud cache."""
+        return len(self._prepared), sum(self._prepared_bytes.values())
 
     def save(self, path: str) -> int:
         self.clouds.save(path)
@@ -138,4 +148,5 @@ class LoopVerifier:
         """Replace the stored clouds with a saved set; raises KeyframeStoreError and keeps them on failure."""
         count = self.clouds.load(path)
         self._prepared.clear()
+        self._prepared_bytes.clear()
         return count

@@ -266,3 +266,23 @@ def test_identical_clouds_give_identity_with_covariance_and_nan_rows_are_dropped
     res = verifier.verify(2, 0)
     truth = invert(poses[0]) @ poses[1]
     assert res.verified and translation_error(res.transform, truth) < 1.0 and rotation_error_deg(res.transform, truth) < 1.5
+
+
+def test_verifier_prepares_each_keyframe_once_within_its_byte_bound(kitti):
+    from bevplace_ros.keyframe_store import KeyframeStoreConfig
+    from bevplace_ros.loop_verifier import LoopVerifier, LoopVerifierConfig
+
+    scans = [scan[::4] for scan in kitti[0]]
+    cfg = RegistrationConfig(device="cpu")
+    one = Registrar(cfg).preprocess(scans[2]).nbytes()
+    bound_mib = 2.5 * one / 2**20  # room for two prepared clouds, not three
+    verifier = LoopVerifier(LoopVerifierConfig(prepared_cache_mib=bound_mib), cfg, KeyframeStoreConfig())
+    for key, scan in enumerate(scans):
+        verifier.add_keyframe(key, scan)
+    query = verifier.prepare(2)
+    assert verifier.prepare(2) is query and "fpfh" in query.features  # features computed once, reused
+    verifier.verify(2, 0)
+    verifier.verify(2, 1)
+    clouds, size = verifier.prepared_cache_bytes()
+    assert verifier.prepare(2) is query  # the query, used last, survived eviction
+    assert clouds == 2 and size <= bound_mib * 2**20

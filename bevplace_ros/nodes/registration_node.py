@@ -39,7 +39,7 @@ PARAMS = [
     }),
     *specs_from_config(LoopVerifierConfig, "verifier.", {
         "min_bev_inliers": ("BEV RANSAC inliers for the BEV 3-DoF guess to be used as a prior.", 0, 10000),
-        "prepared_cache": ("Prepared (voxelised, featurised) clouds kept for reuse.", 1, 1000),
+        "prepared_cache_mib": ("Prepared (voxelised, featurised) keyframe clouds kept for reuse, in MiB: each keyframe is featurised once, not once per candidate.", 1.0, 1_000_000.0),
         "region_sectors": ("Second check: azimuth sectors of the region overlap check.", 1, 64),
         "region_radius": ("Second check: only query points this close to the sensor count [m].", 1.0, 500.0),
         "region_distance": ("Second check: a point overlaps when a match point is this close after alignment [m].", 0.01, 10.0),

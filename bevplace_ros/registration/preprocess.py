@@ -74,6 +74,16 @@ class PreparedCloud:
     features: dict[str, Any] = field(default_factory=dict, repr=False)
     timings: dict[str, float] = field(default_factory=dict)
 
+    def nbytes(self) -> int:
+        """RAM held by the cached arrays, GICP points/normals/covariances and features (the k-d tree is not counted)."""
+        arrays = [self.gicp_points, *self.arrays().values()]
+        arrays += [np.asarray(get()) for get in (self.gicp_cloud.points, self.gicp_cloud.normals, self.gicp_cloud.covs)]
+        size = sum(a.nbytes for a in arrays)
+        for value in self.features.values():
+            tensors = vars(value).values() if hasattr(value, "__dict__") else [value]
+            size += sum(t.nbytes for t in tensors if hasattr(t, "nbytes"))
+        return int(size)
+
     def arrays(self) -> dict[str, np.ndarray]:
         """The arrays the network reads (CLOUD_KEYS), e.g. to cache them for training."""
         return {key: getattr(self, key) for key in CLOUD_KEYS}
