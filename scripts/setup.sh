@@ -76,6 +76,10 @@ export LD_LIBRARY_PATH="$PREFIX/lib:$ROS_LD_PATH"
 export PYTHONPATH="$ROOT:$SITE"
 export RMW_IMPLEMENTATION=rmw_fastrtps_cpp
 export ROS_AUTOMATIC_DISCOVERY_RANGE="\${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST}"
+# Fast DDS profile that carries LiDAR-size clouds between processes (README: middleware); yours wins if set.
+if [ -z "\${FASTDDS_DEFAULT_PROFILES_FILE:-}\${FASTRTPS_DEFAULT_PROFILES_FILE:-}\${FASTDDS_BUILTIN_TRANSPORTS:-}" ]; then
+  export FASTDDS_DEFAULT_PROFILES_FILE="$ROOT/config/fastdds_large_clouds.xml"
+fi
 # LD_LIBRARY_PATH is already complete, so the wheels' bootstrapper need not re-exec Python.
 export _ROS_WHEELS_BOOTSTRAP_COMPLETE=1
 ENV

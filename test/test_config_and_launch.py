@@ -94,8 +94,8 @@ def _stand_in_launch_modules(monkeypatch):
     recorders; the launch file itself is the real one a ROS 2 install runs."""
     names = {
         "launch": ["LaunchDescription"],
-        "launch.actions": ["DeclareLaunchArgument"],
-        "launch.substitutions": ["LaunchConfiguration", "PathJoinSubstitution"],
+        "launch.actions": ["DeclareLaunchArgument", "SetEnvironmentVariable"],
+        "launch.substitutions": ["EnvironmentVariable", "LaunchConfiguration", "PathJoinSubstitution"],
         "launch_ros.actions": ["Node"],
         "launch_ros.substitutions": ["FindPackageShare"],
     }
@@ -134,6 +134,50 @@ def test_launch_file_starts_the_installed_executables_with_the_params_file(monke
         params = node.kwargs["parameters"]
         assert type(params[0]).__name__ == "LaunchConfiguration" and params[0].args[0] == "params_file"
         assert "use_sim_time" in params[1]
+    # the nodes get the large-cloud Fast DDS profile unless the environment names the user's own
+    (profile,) = [a for a in actions if type(a).__name__ == "SetEnvironmentVariable"]
+    assert actions.index(profile) < actions.index(nodes[0])
+    assert profile.args[0] == "FASTDDS_DEFAULT_PROFILES_FILE" and profile.args[1].args[0] == "dds_profile"
+    users = arguments["dds_profile"].kwargs["default_value"]
+    assert users.args[0] == "FASTDDS_DEFAULT_PROFILES_FILE"
+    deprecated = users.kwargs["default_value"]
+    assert deprecated.args[0] == "FASTRTPS_DEFAULT_PROFILES_FILE"
+    shipped = deprecated.kwargs["default_value"].args[0]
+    assert [getattr(p, "args", (p,))[0] for p in shipped][1:] == ["config", "fastdds_large_clouds.xml"]
+    assert re.search(r"install\(DIRECTORY launch config ", cmake)
+
+
+def test_large_cloud_profile_sizes_shared_memory_and_udp_for_lidar_clouds():
+    """Between processes Fast DDS's defaults (512 KiB shared-memory segment) lose 2 MB clouds; the
+    profile must hold the sensor-data history (5) of 8 MB clouds and not fall back to the built-ins."""
+    import xml.etree.ElementTree as ET
+
+    from bevplace_ros.nodes.runtime import large_cloud_profile
+
+    ns = {"dds": "http://www.eprosima.com"}
+    root = ET.parse(large_cloud_profile()).getroot()
+    transports = {t.findtext("dds:transport_id", namespaces=ns): t for t in root.iterfind(".//dds:transport_descriptor", ns)}
+    kinds = {t.findtext("dds:type", namespaces=ns): t for t in transports.values()}
+    assert int(kinds["SHM"].findtext("dds:segment_size", namespaces=ns)) >= 5 * 8 * 2**20
+    assert int(kinds["UDPv4"].findtext("dds:receiveBufferSize", namespaces=ns)) >= 8 * 2**20
+    participant = root.find(".//dds:participant[@is_default_profile='true']", ns)
+    assert participant.findtext(".//dds:useBuiltinTransports", namespaces=ns) == "false"
+    assert {t.text for t in participant.iterfind(".//dds:userTransports/dds:transport_id", ns)} == set(transports)
+
+
+def test_profile_is_set_unless_the_user_configured_the_middleware():
+    from bevplace_ros.nodes.runtime import large_cloud_profile, use_large_cloud_profile
+
+    env: dict[str, str] = {}
+    use_large_cloud_profile(env)
+    assert env == {"FASTDDS_DEFAULT_PROFILES_FILE": str(large_cloud_profile())}
+    for users in ({"FASTDDS_DEFAULT_PROFILES_FILE": "/mine.xml"}, {"FASTRTPS_DEFAULT_PROFILES_FILE": "/mine.xml"},
+                  {"FASTDDS_BUILTIN_TRANSPORTS": "LARGE_DATA"}):
+        env = dict(users)
+        use_large_cloud_profile(env)
+        assert env == users
+    setup = (REPO_ROOT / "scripts" / "setup.sh").read_text()
+    assert "config/fastdds_large_clouds.xml" in setup  # install/env.sh exports it
 
 
 def test_place_node_subscribes_to_the_remapped_topics(ros_context):

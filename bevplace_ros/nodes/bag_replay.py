@@ -67,7 +67,9 @@ def replay(options: ReplayOptions) -> ReplayRun:
     from rclpy.executors import MultiThreadedExecutor
 
     from bevplace_ros.nodes.bag_io import BagInput
+    from bevplace_ros.nodes.runtime import use_large_cloud_profile
 
+    use_large_cloud_profile()  # LiDAR-size clouds must reach --external nodes too
     bag = BagInput(options.bag, options.points_topic, options.odom_topic)
     args = ["--ros-args"]
     if options.params_file:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 from nav_msgs.msg import Odometry
+from rclpy.clock import Clock, ClockType
+from rclpy.event_handler import QoSMessageLostInfo, QoSRequestedIncompatibleQoSInfo, SubscriptionEventCallbacks
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from scipy.spatial.transform import Rotation
@@ -28,6 +29,7 @@ from bevplace_ros.nodes.conversions import (
     stamp_to_ns,
     xyzi_cloud,
 )
+from bevplace_ros.nodes.diagnostics import NodeDiagnostics
 from bevplace_ros.nodes.map_services import serve_save_load
 from bevplace_ros.nodes.parameters import (
     ParamSpec,
@@ -41,7 +43,13 @@ from bevplace_ros.odometry_buffer import OdometryBuffer, OdometryLookupError
 from bevplace_ros.place_map import PlaceMap, PlaceMapConfig, PlaceMapError
 from bevplace_ros.pointcloud2 import PointCloud2Error, xyz_intensity
 from bevplace_ros.registration.preprocess import voxel_representatives
+from bevplace_ros.scan_checks import ScanCheckConfig, check_scan
 from bevplace_ros.se3 import make_transform
+
+# sensor_data: best effort, what LiDAR drivers publish; reliable: only matches reliable publishers,
+# and lets the middleware resend lost fragments of large clouds.
+POINTS_QOS = {"sensor_data": qos_profile_sensor_data, "reliable": QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)}
+LARGE_CLOUD_HINT = "clouds larger than the middleware is set up for? Use config/fastdds_large_clouds.xml in every process (README: middleware)"
 
 PARAMS = [
     *specs_from_config(BEVConfig, "bev.", {
@@ -76,7 +84,11 @@ PARAMS = [
     ParamSpec("keyframe_cloud_voxel", 0.4, "Voxel of the cloud carried by the Keyframe message [m].", 0.05, 5.0, runtime=False),
     ParamSpec("max_range", 300.0, "Points farther than this from the sensor are dropped as garbage [m] (no LiDAR sees beyond).",
               1.0, 100_000.0),
-    ParamSpec("min_points", 500, "Scans with fewer finite points within max_range are skipped with a warning.", 1, 10_000_000),
+    ParamSpec("min_points", ScanCheckConfig.min_points, "Scans with fewer finite points within max_range are skipped with a warning.", 1, 10_000_000),
+    ParamSpec("min_radius", ScanCheckConfig.min_radius, "Scans whose farthest point is nearer than this (horizontally) are skipped as degenerate [m].",
+              0.0, 1000.0),
+    ParamSpec("min_bev_cells", ScanCheckConfig.min_bev_cells, "Scans whose BEV image has fewer occupied cells are skipped as degenerate "
+              "(a 16-beam street scan has hundreds).", 0, 1_000_000),
     ParamSpec("max_points", 300_000, "Larger scans are thinned to this many points by an even stride (bounds the time per scan).",
               1000, 100_000_000),
     ParamSpec("odom_max_gap", 0.5, "Largest stamp gap to interpolate odometry across [s].", 0.001, 60.0, runtime=False),
@@ -86,6 +98,9 @@ PARAMS = [
     ParamSpec("odom_frame", "odom", "Odometry frame for pose_source 'tf'.", runtime=False),
     ParamSpec("sensor_frame", "", "Expected frame of the scans; empty accepts the first one seen and then only that.", runtime=False),
     ParamSpec("map_file", "bevplace_place_map.npz", "Default file for the save/load services."),
+    ParamSpec("points_qos", "sensor_data", "QoS of the points subscription: 'sensor_data' (best effort) or 'reliable' (needs a reliable publisher).",
+              choices=tuple(POINTS_QOS), runtime=False),
+    ParamSpec("scan_timeout", 5.0, "Warn when odometry arrives but no scan has for this long [s]; 0 disables.", 0.0, 3600.0),
 ]
 
 
@@ -99,8 +114,10 @@ class PlaceRecognitionNode(Node):
         x, y, z, *rpy = p["base_to_sensor"]
         self.T_base_sensor = make_transform(Rotation.from_euler("xyz", rpy).as_matrix(), np.array([x, y, z]))
         map_cfg = replace(config_from_params(PlaceMapConfig, p, "place."), weights=p["place.weights"], device=p["place.device"], spill_dir=p["place.spill_dir"])
-        self.map = PlaceMap(map_cfg, config_from_params(BEVConfig, p, "bev."), config_from_params(LoopDetectorConfig, p, "retrieval."))
+        self.bev_cfg = config_from_params(BEVConfig, p, "bev.")
+        self.map = PlaceMap(map_cfg, self.bev_cfg, config_from_params(LoopDetectorConfig, p, "retrieval."))
         self.selector = KeyframeSelector(config_from_params(KeyframeSelectorConfig, p, "keyframe."))
+        self.scan_checks = config_from_params(ScanCheckConfig, p, "")
         self.odometry = OdometryBuffer(max_gap=p["odom_max_gap"])
         self._odom_lock = threading.Lock()
         self._odom_frame = "odom"
@@ -108,19 +125,26 @@ class PlaceRecognitionNode(Node):
         self._sensor_frame = p["sensor_frame"]
         self._last_stamp_ns = -1
         self.odometry_received = 0
+        self.clouds_received = 0
         self.clouds_handled = 0
+        self.clouds_processed = 0  # handled and not skipped: keyframe or not
+        self.clouds_lost = 0  # reported lost by the middleware (message_lost events)
         self.keyframes_published = 0
         self.candidates_published = 0
-        self.skipped: dict[str, int] = {}
-        self.last_skip: dict[str, str] = {}  # reason -> detail of its latest scan (what a throttled warning may not show)
-        self.latency_ms: deque[float] = deque(maxlen=10000)  # BEV + descriptor + retrieval + BEV pose, per keyframe
+        self._last_cloud_time = self._last_odom_time = time.monotonic()
+        self.diagnostics = NodeDiagnostics(self, self._counters)
+        self.skipped, self.last_skip = self.diagnostics.skipped, self.diagnostics.last_skip
+        self.decode_ms = self.diagnostics.stage("decode")  # conversion, range filter and scan checks, per scan
+        self.latency_ms = self.diagnostics.stage("place_recognition")  # BEV + descriptor + retrieval + BEV pose, per keyframe
         reliable = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
         self.keyframe_pub = self.create_publisher(Keyframe, "keyframes", reliable)
         self.candidate_pub = self.create_publisher(LoopCandidate, "loop_candidates", reliable)
         self.worker = LatestWorker(self._process, self._worker_error, "place_recognition")
-        self.create_subscription(PointCloud2, "points", self._on_cloud, qos_profile_sensor_data)
+        events = SubscriptionEventCallbacks(message_lost=self._on_clouds_lost, incompatible_qos=self._on_incompatible_qos)
+        self.points_sub = self.create_subscription(PointCloud2, "points", self._on_cloud, POINTS_QOS[p["points_qos"]], event_callbacks=events)
         self._tf_buffer = self._tf_listener() if p["pose_source"] == "tf" else None
         self.create_subscription(Odometry, "odom", self._on_odometry, QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE))
+        self.create_timer(1.0, self._check_inputs, clock=Clock(clock_type=ClockType.STEADY_TIME))
         serve_save_load(self, "map", lambda: self.params["map_file"], self._save_map, self._load_map, (PlaceMapError,))
 
     def _tf_listener(self):
@@ -160,16 +184,45 @@ class PlaceRecognitionNode(Node):
         try:
             selector = updated_config(self.selector.cfg, values, "keyframe.")
             retrieval = updated_config(self.map.detector.cfg, values, "retrieval.")
+            scan_checks = updated_config(self.scan_checks, values, "")
         except ValueError as err:
             return str(err)
-        self.selector.cfg, self.map.detector.cfg = selector, retrieval
+        self.selector.cfg, self.map.detector.cfg, self.scan_checks = selector, retrieval, scan_checks
         self.params.update(values)
         return None
 
-    def _skip(self, reason: str, detail: str) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        self.last_skip[reason] = detail
-        self.get_logger().warn(f"scan skipped ({reason}, {self.skipped[reason]} so far): {detail}", throttle_duration_sec=5.0)
+    def _counters(self) -> dict[str, int]:
+        return {"received": self.clouds_received, "handled": self.clouds_handled, "processed": self.clouds_processed,
+                "keyframes": self.keyframes_published, "candidates": self.candidates_published, "odometry": self.odometry_received,
+                "dropped.behind": self.worker.dropped, "lost": self.clouds_lost}
+
+    def _check_inputs(self) -> None:
+        """Odometry arriving while scans do not is the symptom of a cloud the transport cannot carry."""
+        timeout, now = self.params["scan_timeout"], time.monotonic()
+        silent = now - self._last_cloud_time
+        if not (timeout > 0 and silent >= timeout and now - self._last_odom_time < timeout):
+            return self.diagnostics.condition("no scans", None)
+        publishers = self.points_sub.get_publisher_count()
+        if publishers == 0:
+            cause = "no publisher on it: check the topic name and remapping"
+        elif self.clouds_lost:
+            cause = f"{publishers} publisher(s), {self.clouds_lost} scans lost by the middleware: {LARGE_CLOUD_HINT}"
+        else:
+            cause = f"{publishers} publisher(s) matched, yet nothing arrives: {LARGE_CLOUD_HINT}"
+        text = f"odometry is arriving but no scan on {self.points_sub.topic_name} for {silent:.0f} s; {cause}"
+        self.diagnostics.condition("no scans", text)
+        self.diagnostics.warning("no scans", text)
+        return None
+
+    def _on_clouds_lost(self, info: QoSMessageLostInfo) -> None:
+        self.clouds_lost = info.total_count
+        self.diagnostics.warning("lost", f"the middleware lost {info.total_count_change} scans on {self.points_sub.topic_name} "
+                                         f"({info.total_count} so far): {LARGE_CLOUD_HINT}")
+
+    def _on_incompatible_qos(self, info: QoSRequestedIncompatibleQoSInfo) -> None:
+        self.diagnostics.warning("incompatible qos", f"a publisher on {self.points_sub.topic_name} has QoS incompatible with points_qos="
+                                                     f"{self.params['points_qos']!r} (policy id {info.last_policy_kind}): no scan from it "
+                                                     "arrives; a best-effort publisher needs points_qos 'sensor_data'")
 
     def _on_odometry(self, msg: Odometry) -> None:
         try:
@@ -179,18 +232,21 @@ class PlaceRecognitionNode(Node):
                 self._odom_frame = msg.header.frame_id or self._odom_frame
                 self._odom_covariance = np.asarray(msg.pose.covariance, dtype=float)
         except ValueError as err:
-            self.get_logger().warn(f"odometry message ignored: {err}", throttle_duration_sec=5.0)
+            self.diagnostics.skip("odometry", str(err), what="odometry message")
         finally:
             self.odometry_received += 1
+            self._last_odom_time = time.monotonic()
 
     def _on_cloud(self, msg: PointCloud2) -> None:
+        self.clouds_received += 1
+        self._last_cloud_time = time.monotonic()
         before = self.worker.dropped
         self.worker.submit(msg)
         if self.worker.dropped > before:
-            self.get_logger().warn(f"place recognition is behind: dropped {self.worker.dropped} scans so far (latest wins)", throttle_duration_sec=5.0)
+            self.diagnostics.warning("dropped.behind", f"place recognition is behind: dropped {self.worker.dropped} scans so far (latest wins)")
 
     def _worker_error(self, err: Exception) -> None:
-        self._skip("error", f"{type(err).__name__}: {err}")
+        self.diagnostics.skip("error", f"{type(err).__name__}: {err}")
 
     def _process(self, msg: PointCloud2) -> None:
         try:
@@ -199,26 +255,29 @@ class PlaceRecognitionNode(Node):
             self.clouds_handled += 1
 
     def _process_cloud(self, msg: PointCloud2) -> None:
+        start = time.perf_counter()
         stamp_ns = stamp_to_ns(msg.header.stamp)
         if stamp_ns <= self._last_stamp_ns:
-            return self._skip("stamp", f"stamp {stamp_ns * 1e-9:.6f} s is not after the previous scan's {self._last_stamp_ns * 1e-9:.6f} s")
+            return self.diagnostics.skip("stamp", f"stamp {stamp_ns * 1e-9:.6f} s is not after the previous scan's {self._last_stamp_ns * 1e-9:.6f} s")
         if self._sensor_frame and msg.header.frame_id != self._sensor_frame:
-            return self._skip("frame", f"frame_id {msg.header.frame_id!r}, expected {self._sensor_frame!r}")
+            return self.diagnostics.skip("frame", f"frame_id {msg.header.frame_id!r}, expected {self._sensor_frame!r}")
         try:
             points = xyz_intensity(msg)
         except PointCloud2Error as err:
-            return self._skip("malformed", str(err))
+            return self.diagnostics.skip("malformed", str(err))
         points = points[np.einsum("ij,ij->i", points[:, :3], points[:, :3]) <= self.params["max_range"] ** 2]
-        if len(points) < self.params["min_points"]:
-            return self._skip("too few points", f"{len(points)} finite points within max_range, min_points={self.params['min_points']}")
         if len(points) > self.params["max_points"]:
             points = points[np.linspace(0, len(points) - 1, self.params["max_points"]).astype(np.int64)]
+        if rejection := check_scan(points, self.scan_checks, self.bev_cfg):
+            return self.diagnostics.skip(rejection.reason, rejection.detail)
+        self.decode_ms.append((time.perf_counter() - start) * 1e3)
         try:
             T_odom_sensor = self._sensor_pose(msg, stamp_ns)
         except OdometryLookupError as err:
-            return self._skip("no odometry", str(err))
+            return self.diagnostics.skip("no odometry", str(err))
         self._sensor_frame = self._sensor_frame or msg.header.frame_id
         self._last_stamp_ns = stamp_ns
+        self.clouds_processed += 1
         if not self.selector.accept(stamp_ns * 1e-9, T_odom_sensor):
             return None
         start = time.perf_counter()

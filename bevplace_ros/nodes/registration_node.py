@@ -16,6 +16,7 @@ from bevplace_ros.keyframe_store import KeyframeStoreConfig, KeyframeStoreError
 from bevplace_ros.loop_verifier import LoopVerifier, LoopVerifierConfig, UnknownKeyframe
 from bevplace_ros.msg import Keyframe, LoopCandidate, LoopClosure, PoseGraphEdge
 from bevplace_ros.nodes.conversions import matrix_to_pose, pose_with_covariance, stamp_to_sec
+from bevplace_ros.nodes.diagnostics import NodeDiagnostics
 from bevplace_ros.nodes.map_services import serve_save_load
 from bevplace_ros.nodes.parameters import ParamSpec, config_from_params, declare_parameters, specs_from_config, updated_config
 from bevplace_ros.nodes.worker import QueueWorker
@@ -80,9 +81,12 @@ class RegistrationNode(Node):
         )
         self.method = ("roitr_lite" + (f"|{registration.classical}" if registration.classical_fallback else "")) if registration.use_network else registration.classical
         self.method += "+gicp" if registration.refine.enabled else ""
-        self.worker = QueueWorker(self._verify, self._worker_error, "registration", p["queue_size"])
         self.keyframes_handled = 0
         self.closures_published = 0
+        self.loops_verified = 0
+        self.diagnostics = NodeDiagnostics(self, self._counters)
+        self.latency_ms = self.diagnostics.stage("registration")
+        self.worker = QueueWorker(self._verify, self._worker_error, "registration", p["queue_size"])
         reliable = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
         self.closure_pub = self.create_publisher(LoopClosure, "loop_closures", reliable)
         self.edge_pub = self.create_publisher(PoseGraphEdge, "pose_graph_edges", reliable)
@@ -110,21 +114,25 @@ class RegistrationNode(Node):
         self.params.update(values)
         return None
 
+    def _counters(self) -> dict[str, int]:
+        return {"keyframes": self.keyframes_handled, "candidates": self.worker.handled, "closures": self.closures_published,
+                "verified": self.loops_verified, "dropped.behind": self.worker.dropped}
+
     def _on_keyframe(self, msg: Keyframe) -> None:
         self.keyframes_handled += 1
         try:
             self.verifier.add_keyframe(int(msg.id), xyz_intensity(msg.cloud))
         except PointCloud2Error as err:
-            self.get_logger().warn(f"keyframe {msg.id}: unusable cloud ({err})", throttle_duration_sec=5.0)
+            self.diagnostics.skip("unusable cloud", f"keyframe {msg.id}: {err}", what="keyframe")
 
     def _on_candidate(self, msg: LoopCandidate) -> None:
         before = self.worker.dropped
         self.worker.submit(msg)
         if self.worker.dropped > before:
-            self.get_logger().warn(f"registration is behind: dropped {self.worker.dropped} loop candidates so far", throttle_duration_sec=5.0)
+            self.diagnostics.warning("dropped.behind", f"registration is behind: dropped {self.worker.dropped} loop candidates so far")
 
     def _worker_error(self, err: Exception) -> None:
-        self.get_logger().error(f"loop verification failed: {type(err).__name__}: {err}", throttle_duration_sec=5.0)
+        self.diagnostics.skip("error", f"loop verification failed: {type(err).__name__}: {err}", what="loop candidate")
 
     def _verify(self, candidate: LoopCandidate) -> None:
         guess = xyyaw_to_matrix(candidate.bev_x, candidate.bev_y, candidate.bev_yaw) if candidate.bev_inliers else None
@@ -132,7 +140,7 @@ class RegistrationNode(Node):
         try:
             result = self.verifier.verify(int(candidate.query_id), int(candidate.match_id), guess, int(candidate.bev_inliers))
         except UnknownKeyframe as err:
-            self.get_logger().warn(str(err), throttle_duration_sec=5.0)
+            self.diagnostics.skip("unknown keyframe", str(err), what="loop candidate")
             return
         closure = LoopClosure(
             header=candidate.header, query_id=candidate.query_id, query_stamp=candidate.query_stamp,
@@ -145,6 +153,8 @@ class RegistrationNode(Node):
         )
         self.closure_pub.publish(closure)
         self.closures_published += 1
+        self.loops_verified += closure.verified
+        self.latency_ms.append(closure.latency_ms)
         if self.params["publish_pose_graph_edges"]:
             self.edge_pub.publish(self._edge(closure, result.transform))
         if self.params["publish_lio_sam"] and closure.verified:

@@ -1,9 +1,29 @@
-"""Start-up and shutdown shared by the three node executables."""
+"""Start-up and shutdown shared by the three node executables, and the middleware profile they need."""
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import Callable
+from pathlib import Path
+from typing import Callable, MutableMapping
+
+# Fast DDS 3 reads FASTDDS_DEFAULT_PROFILES_FILE (rmw_fastrtps still honours the deprecated FASTRTPS_ name);
+# FASTDDS_BUILTIN_TRANSPORTS is Fast DDS's other way of choosing transports. Any of them set: the user's own set-up.
+DDS_SETTINGS = ("FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE", "FASTDDS_BUILTIN_TRANSPORTS")
+
+
+def large_cloud_profile() -> Path:
+    """The Fast DDS profile that carries LiDAR-size clouds between processes (README: middleware)."""
+    from bevplace_ros.nodes.interfaces import package_share_file
+
+    return package_share_file("config/fastdds_large_clouds.xml")
+
+
+def use_large_cloud_profile(env: MutableMapping[str, str] = os.environ) -> None:
+    """Point Fast DDS at large_cloud_profile() unless the user configured it; Fast DDS reads it once per
+    process, at the first participant, so call this before the first rclpy.init (children inherit it)."""
+    if not any(env.get(name) for name in DDS_SETTINGS):
+        env["FASTDDS_DEFAULT_PROFILES_FILE"] = str(large_cloud_profile())
 
 
 def run_node(make_node: Callable[[], object], args: list[str] | None = None) -> int:
