@@ -124,6 +124,7 @@ class Anchoring:
     query_keys: tuple[int, ...]
     after: int
     T_map_odom: np.ndarray
+    dropped: int  # held hypotheses that disagreed with the anchoring loops
 
 
 @dataclass(frozen=True)
@@ -379,7 +380,7 @@ class PoseGraph:
             return LoopDecision(False, f"anchor hypothesis for session {session} held, "
                                        f"{len(queries)} of {self.cfg.anchor_loops} agreeing query keyframes", held=True)
         dropped = len(pending) + 1 - len(agree)
-        self._join(session, T_map_odom, [lp for lp, _ in agree], gtsam)
+        self._join(session, T_map_odom, [lp for lp, _ in agree], dropped, gtsam)
         return LoopDecision(True, f"session {session} anchored by loops from keyframes {sorted(queries)}; "
                                   f"{dropped} disagreeing hypotheses dropped")
 
@@ -393,7 +394,7 @@ class PoseGraph:
                 return False
         return True
 
-    def _join(self, session: int, T_map_odom: np.ndarray, loops: list[Loop], gtsam: Any) -> None:
+    def _join(self, session: int, T_map_odom: np.ndarray, loops: list[Loop], dropped: int, gtsam: Any) -> None:
         """Insert the whole session, initialised from the agreed anchor, then its held and anchoring loops."""
         start = self._session_start[session]
         members = [i for i in range(start, len(self._keys)) if self._session_of[i] == session]
@@ -402,7 +403,7 @@ class PoseGraph:
             values.insert(self._keys[i], gtsam.Pose3(T_map_odom @ self._odom[i]))
             if i != start:
                 graph.add(self._odom_factor(i, gtsam))
-        self._anchorings[session] = Anchoring(session, tuple(lp.query_key for lp in loops), len(self._keys), T_map_odom)
+        self._anchorings[session] = Anchoring(session, tuple(lp.query_key for lp in loops), len(self._keys), T_map_odom, dropped)
         self._pending.pop(session, None)
         # One update: the chain alone, with no factor tying it to the map, would be indeterminate.
         self._insert_loops([*self._held.pop(session, []), *loops], gtsam, graph, values)

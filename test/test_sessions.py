@@ -270,3 +270,23 @@ def _header(stamp):
     from std_msgs.msg import Header
 
     return Header(stamp=stamp, frame_id="odom")
+
+
+@pytest.mark.slow
+def test_replay_continues_a_saved_map_in_a_new_session_and_saves_both(drive, tmp_path, capsys) -> None:
+    """`replay --save-map`, then `replay --load-map A --save-map B` on the rest of the drive (same
+    odometry frame, but the graph may not assume it): run two joins the map, B holds both sessions."""
+    from bevplace_ros.cli import main
+
+    first = ["replay", str(drive), "--max-scans", "40", "--save-map", str(tmp_path / "a"), "--out", str(tmp_path / "out1"), "--no-progress"]
+    assert main(first) == 0
+    second = ["replay", str(drive), "--skip-scans", "40", "--load-map", str(tmp_path / "a"), "--save-map", str(tmp_path / "b"),
+              "--out", str(tmp_path / "out2"), "--no-progress"]
+    assert main(second) == 0
+    printed = capsys.readouterr().out
+    assert "session 0: keyframes 0..39 (40), defines the map frame" in printed
+    assert "session 1: keyframes 40.." in printed and "anchored by loops from keyframes" in printed
+    assert len(list((tmp_path / "out2").glob("run-*/sessions.png"))) == 1
+    both = PoseGraph.load(tmp_path / "b" / "graph.npz")
+    assert set(both.sessions().values()) == {0, 1} and both.anchored(1) and both.localized
+    assert set(both.optimized_poses()) == set(both.keys)

@@ -55,6 +55,11 @@ def replay_and_report(bag: Path, args: argparse.Namespace) -> int:
     plot_run(run_dir / "trajectories.png", gt, result.odometry, result.optimized, outcomes)
     print(format_report(summary))
     print(f"report: {run_dir / 'report.json'}\nplot:   {run_dir / 'trajectories.png'}\noutputs: {options.record}")
+    if len(set(result.sessions.values())) > 1:  # a loaded map: every session in the map frame, inter-session loops
+        from bevplace_ros.evaluation.sessions import plot_sessions, session_lines
+
+        plot_sessions(run_dir / "sessions.png", result.sessions, result.map_poses, result.graph_loops or set())
+        print("\n".join(session_lines(result.sessions, result.anchorings)) + f"\nsessions: {run_dir / 'sessions.png'}")
     return 0
 
 

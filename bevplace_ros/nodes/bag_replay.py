@@ -58,6 +58,9 @@ class ReplayRun:
     scans_published: int = 0
     latency_ms: dict[str, list[float]] = field(default_factory=dict)
     graph_loops: set[tuple[int, int]] | None = None  # (query, match) the pose graph accepted; in-process only
+    sessions: dict[int, int] = field(default_factory=dict)  # keyframe -> session, loaded keyframes too; in-process only
+    map_poses: dict[int, np.ndarray] = field(default_factory=dict)  # T_map_k of every anchored graph keyframe; in-process only
+    anchorings: dict[int, Any] = field(default_factory=dict)  # session -> pose_graph.Anchoring; in-process only
     wall_s: float = 0.0
 
 
@@ -93,6 +96,8 @@ def replay(options: ReplayOptions) -> ReplayRun:
         run.wall_s = time.perf_counter() - start
         if nodes:
             run.graph_loops = {(loop.query_key, loop.match_key) for loop in nodes[2].graph.loops()}
+            graph = nodes[2].graph
+            run.sessions, run.map_poses, run.anchorings = graph.sessions(), graph.optimized_poses(), graph.anchorings()
             run.latency_ms = {"place_recognition": list(nodes[0].latency_ms), "registration": [c[4] for c in run.closures],
                               "pose_graph": list(nodes[2].latency_ms)}
     finally:
