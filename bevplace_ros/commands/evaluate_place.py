@@ -16,11 +16,13 @@ KITTI_SPLITS = {"00": (4541, 3000, 3200), "02": (4661, 3400, 3600), "05": (2761,
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from bevplace_ros.models.checkpoint import DEFAULT_PLACE_WEIGHTS
+    from bevplace_ros.models.checkpoint import EQUIVARIANT, MODEL_KINDS
     from bevplace_ros.training.place_dataset import DEFAULT_CACHE_DIR
 
     parser.add_argument("datasets", nargs="+", metavar="DATASET[@START:END[:STEP]]", help="sequences with ground truth (rosbag2, KITTI-style or BEV image folder)")
-    parser.add_argument("--weights", default=str(DEFAULT_PLACE_WEIGHTS), help="trained checkpoint of the 'bevplace' method")
+    parser.add_argument("--model", choices=MODEL_KINDS, default=EQUIVARIANT, help="network of the 'bevplace' and 'random' methods")
+    parser.add_argument("--weights", default="", help="checkpoint of the 'bevplace' method (package .pt, or the authors' .pth.tar for bevplace_v1); "
+                                                      "empty: the shipped weights of --model")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="'random': same network, untrained seeded weights")
     parser.add_argument("--rotations", type=int, default=8, help="rotation group size at inference")
     parser.add_argument("--split", metavar="DB_END:QUERY_START",
@@ -59,12 +61,13 @@ def _network_descriptors(seq, spec, args, weights: str):
     import torch
 
     from bevplace_ros.device import resolve_device
-    from bevplace_ros.models.checkpoint import load_place_model
+    from bevplace_ros.models.checkpoint import RANDOM_WEIGHTS, load_place_model, shipped_weights
     from bevplace_ros.training.feature_bank import FeatureBank, local_feature_key
     from bevplace_ros.training.place_dataset import cached_arrays, sequence_cache_key
 
     device = resolve_device(args.device)
-    model = load_place_model(weights, rotations=args.rotations, seed=args.seed).to(device).eval()
+    weights = weights if weights == RANDOM_WEIGHTS else shipped_weights(weights, args.model)
+    model = load_place_model(weights, rotations=args.rotations, seed=args.seed, kind=args.model).to(device).eval()
     key = f"{sequence_cache_key(spec)}-local-{local_feature_key(model)}"
 
     def compute():
@@ -167,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not 1 <= args.rotations <= 64 or args.batch < 1 or args.exclude_recent < 0 or not args.radius > 0:
         raise SystemExit("evaluate place: need --rotations in [1, 64], --batch >= 1, --exclude-recent >= 0, --radius > 0")
-    report = {"weights": args.weights, "rotations": args.rotations, "radius_m": args.radius, "exclude_recent": args.exclude_recent, "sequences": {}}
+    report = {"model": args.model, "weights": args.weights, "rotations": args.rotations, "radius_m": args.radius, "exclude_recent": args.exclude_recent, "sequences": {}}
     for text in args.datasets:
         try:
             spec = SequenceSpec.parse(text)
