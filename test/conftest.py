@@ -1,4 +1,4 @@
-"""Shared fixtures: where the provided real data lives, and a seeded RNG."""
+"""Shared fixtures: where the provided real data lives, a seeded RNG, a simulated drive as a rosbag2 and its replay."""
 
 from __future__ import annotations
 
@@ -61,3 +61,39 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# One lap of a block and its first edge again: a same-direction revisit ~60 keyframes later.
+LAP_AND_EDGE = ((0, 0), (1, 0), (1, 1), (0, 1), (0, 0), (1, 0))
+PARAMS_FILE = REPO_ROOT / "config" / "bevplace.yaml"
+
+
+@pytest.fixture(scope="session")
+def drive(tmp_path_factory) -> Path:
+    """A short simulated drive written as a real rosbag2 (sqlite3) by the simulator."""
+    from bevplace_ros.sim.presets import preset_config, with_overrides
+    from bevplace_ros.sim.sequence import simulate_sequence
+    from bevplace_ros.sim.writers import BagConfig, write_sequence
+
+    config = with_overrides(preset_config("demo", seed=3), **{"trajectory.route": LAP_AND_EDGE, "world.blocks_x": 1})
+    bag = tmp_path_factory.mktemp("drive") / "rosbag2"
+    write_sequence(simulate_sequence(config), bag, None, BagConfig())
+    return bag
+
+
+def replay_options(bag: Path, tmp: Path, **changes):
+    """Lock-step in-process replay of `bag` with the shipped parameters, recording into `tmp`/outputs."""
+    from dataclasses import replace
+
+    from bevplace_ros.nodes.bag_replay import ReplayOptions
+
+    return replace(ReplayOptions(bag=bag, params_file=PARAMS_FILE, record=tmp / "outputs", progress=False), **changes)
+
+
+@pytest.fixture(scope="session")
+def drive_replay(drive, tmp_path_factory):
+    """(options, run) of one full lock-step replay of `drive`; shared so each end-to-end check costs no extra replay."""
+    from bevplace_ros.nodes.bag_replay import replay
+
+    options = replay_options(drive, tmp_path_factory.mktemp("drive_replay"))
+    return options, replay(options)

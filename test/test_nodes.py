@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,65 +16,43 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import PointCloud2, PointField
 from std_msgs.msg import Header
 
-from conftest import REPO_ROOT
+from conftest import PARAMS_FILE, replay_options
 from ros_helpers import spin_until
 from bevplace_ros.commands.replay import summarize_run
-from bevplace_ros.nodes.bag_replay import ReplayOptions, replay
+from bevplace_ros.nodes.bag_replay import replay
 from bevplace_ros.nodes.conversions import matrix_to_pose, ns_to_stamp, xyzi_cloud
 from bevplace_ros.pointcloud2 import create_cloud
-from bevplace_ros.sim.presets import preset_config, with_overrides
-from bevplace_ros.sim.sequence import simulate_sequence
-from bevplace_ros.sim.writers import BagConfig, write_sequence
-
-# One lap of a block and its first edge again: a same-direction revisit ~60 keyframes later.
-LAP_AND_EDGE = ((0, 0), (1, 0), (1, 1), (0, 1), (0, 0), (1, 0))
-PARAMS_FILE = REPO_ROOT / "config" / "bevplace.yaml"
 
 
-@pytest.fixture(scope="session")
-def drive(tmp_path_factory) -> Path:
-    """A short simulated drive written as a real rosbag2 (sqlite3) by the simulator."""
-    config = with_overrides(preset_config("demo", seed=3), **{"trajectory.route": LAP_AND_EDGE, "world.blocks_x": 1})
-    bag = tmp_path_factory.mktemp("drive") / "rosbag2"
-    write_sequence(simulate_sequence(config), bag, None, BagConfig())
-    return bag
-
-
-def _options(bag: Path, tmp: Path, **changes) -> ReplayOptions:
-    return replace(ReplayOptions(bag=bag, params_file=PARAMS_FILE, record=tmp / "outputs", progress=False), **changes)
-
-
-def test_replay_finds_the_revisit_without_false_loops_and_lowers_ate(drive, tmp_path):
-    options = _options(drive, tmp_path)
-    run = replay(options)
+def test_replay_finds_the_revisit_without_false_loops_and_lowers_ate(drive_replay):
+    options, run = drive_replay
     summary, gt, _ = summarize_run(options, run)
     assert run.scans_published == summary["keyframes"] > 50
     assert summary["revisiting_keyframes"] >= 5
     assert summary["revisits_closed"] >= 0.5 * summary["revisiting_keyframes"], summary
     assert summary["graph_loops"] >= 3 and summary["graph_false_loops"] == 0, summary
     assert summary["ate_optimized_m"] < summary["ate_odometry_m"], summary
-    assert (tmp_path / "outputs" / "metadata.yaml").is_file()
+    assert (options.record / "metadata.yaml").is_file()
 
 
-def test_recorded_bag_reads_back_with_rosbags(drive, tmp_path):
+def test_recorded_bag_reads_back_with_rosbags(drive_replay):
     from rosbags.rosbag2 import Reader
 
     from bevplace_ros.nodes.interfaces import rosbags_typestore
 
-    options = _options(drive, tmp_path, max_scans=12)
-    run = replay(options)
+    options, run = drive_replay
     store = rosbags_typestore()
-    with Reader(tmp_path / "outputs") as reader:
+    with Reader(options.record) as reader:
         keyframes = [store.deserialize_cdr(raw, c.msgtype) for c, _, raw in reader.messages() if c.topic == "/keyframes"]
     assert [k.id for k in keyframes] == sorted(run.keyframe_stamps)
     assert all(len(k.descriptor) > 0 and k.cloud.width > 100 for k in keyframes)
 
 
 def test_save_restart_load_continues_the_same_map(drive, tmp_path):
-    first = _options(drive, tmp_path / "a", max_scans=40, save_map=tmp_path / "map", record=None)
+    first = replay_options(drive, tmp_path / "a", max_scans=40, save_map=tmp_path / "map", record=None)
     replay(first)
     assert {p.name for p in (tmp_path / "map").iterdir()} == {"place_map.npz", "keyframes.npz", "graph.npz"}
-    second = _options(drive, tmp_path / "b", skip_scans=40, load_map=tmp_path / "map", record=None)
+    second = replay_options(drive, tmp_path / "b", skip_scans=40, load_map=tmp_path / "map", record=None)
     run = replay(second)
     assert min(run.keyframe_stamps) == 40, "keyframe ids continue after the loaded map"
     verified = [(q, m) for q, m, _, ok, _ in run.closures if ok]
@@ -145,32 +122,33 @@ def test_place_node_survives_malformed_clouds_and_odometry_gaps(ros_context, dri
         node.destroy_node()
 
 
-def _output_after_exit(process: subprocess.Popen, timeout_s: float = 60.0) -> str:
-    """The process's output once it has exited; killed if it outlives the timeout (its exit is not under test)."""
+def _stop(process: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """SIGINT, as ros2 launch sends on Ctrl-C; killed if it outlives the timeout (its exit is not under test)."""
+    process.send_signal(signal.SIGINT)
     try:
-        return process.communicate(timeout=timeout_s)[0]
+        process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         process.kill()
-        return process.communicate()[0]
+        process.wait()
 
 
 def test_three_separate_processes_talk_over_dds(drive, tmp_path):
+    """Lock-step on the nodes' own outputs (each scan's keyframe, a closure per candidate): no rate, no quiet period."""
     env_args = ["--ros-args", "--params-file", str(PARAMS_FILE), "-p", "base_to_sensor:=[0.3, 0.0, 1.73, 0.0, 0.0, 0.0]"]
-    processes = [
-        subprocess.Popen([sys.executable, "-m", f"bevplace_ros.nodes.{name}", *env_args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for name in ("place_recognition_node", "registration_node", "pose_graph_node")
-    ]
+    names = ("place_recognition_node", "registration_node", "pose_graph_node")
+    logs = [tmp_path / f"{name}.log" for name in names]
+    processes = [subprocess.Popen([sys.executable, "-m", f"bevplace_ros.nodes.{name}", *env_args], stdout=log.open("w"),
+                                  stderr=subprocess.STDOUT) for name, log in zip(names, logs)]
     try:
-        options = _options(drive, tmp_path, in_process=False, rate=0.5, settle_s=20.0)
-        run = replay(options)
+        run = replay(replay_options(drive, tmp_path, in_process=False))
         assert all(p.poll() is None for p in processes), "a node process died"
     finally:
         for p in processes:
-            p.send_signal(signal.SIGINT)  # what ros2 launch sends on Ctrl-C
-        logs = [_output_after_exit(p) for p in processes]
-    assert len(run.keyframe_stamps) > 30, logs[0][-2000:]
-    verified = [c for c in run.closures if c[3]]
-    assert verified and run.optimized, logs
+            _stop(p)
+    text = "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for log in logs)
+    assert len(run.keyframe_stamps) == run.scans_published > 50, text
+    assert [c for c in run.closures if c[3]], text
+    assert set(run.optimized) == set(run.keyframe_stamps), text
 
 
 def test_a_two_million_point_scan_is_thinned_and_becomes_a_keyframe(ros_context):

@@ -3,7 +3,9 @@
 In-process mode runs the three nodes on one multi-threaded executor and replays in lock-step (each
 scan waits for the pipeline to settle), so a run gives the same result at any machine speed; with
 a rate it replays on the bag's clock instead. External mode only publishes and records, for nodes
-started as separate processes. Every output topic is recorded into a new rosbag2.
+started as separate processes; its lock-step waits on what the nodes publish (each scan's keyframe,
+one closure per candidate, a path holding every keyframe), so it too never depends on timing.
+Every output topic is recorded into a new rosbag2.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 ODOM_BURST = 100  # lock-step replay waits for delivery after this many odometry messages (QoS depth 200)
+DISCOVERY_S = 120.0  # generous: node processes import torch and load weights, slowly on a loaded machine
 OUTPUT_TOPICS = {
     "keyframes": "bevplace_ros/msg/Keyframe",
     "loop_candidates": "bevplace_ros/msg/LoopCandidate",
@@ -37,7 +40,7 @@ class ReplayOptions:
     points_topic: str = "/points"
     odom_topic: str = "/odom"
     in_process: bool = True
-    settle_s: float = 15.0  # external mode: quiet time that ends the run
+    settle_s: float = 15.0  # external mode with a rate: quiet time that ends the run (lock-step waits on the outputs)
     max_scans: int = 0  # 0: all
     skip_scans: int = 0  # start after this many scans (odometry is still replayed from the start)
     load_map: Path | None = None  # folder written by save_map: the nodes continue that map
@@ -145,8 +148,8 @@ def _play(bag, player, nodes, recorder, options: ReplayOptions, run: ReplayRun, 
     points = player.create_publisher(PointCloud2, options.points_topic, qos_profile_sensor_data)
     odom = player.create_publisher(Odometry, options.odom_topic, QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE))
     subscribers = [points, odom] if not nodes else [points]
-    _wait(lambda: all(p.get_subscription_count() > 0 for p in subscribers), 30.0, "nodes to subscribe to the bag topics", spinner)
-    _wait(recorder.connected, 30.0, "the recorder to match the nodes' publishers", spinner)
+    _wait(lambda: all(p.get_subscription_count() > 0 for p in subscribers), DISCOVERY_S, "nodes to subscribe to the bag topics", spinner)
+    _wait(recorder.connected, DISCOVERY_S, "the recorder to match the nodes' publishers", spinner)
     if options.load_map:
         _call_map_services(player, "load", options.load_map, spinner)
     available = max(bag.scan_count - options.skip_scans, 0)
@@ -181,8 +184,15 @@ def _play(bag, player, nodes, recorder, options: ReplayOptions, run: ReplayRun, 
         if nodes and options.rate <= 0:
             _wait(lambda: nodes[0].clouds_handled >= run.scans_published, 120.0, "place_recognition_node to handle the scan", spinner)
             _wait(lambda: _settled(nodes, recorder), 300.0, "registration and the pose graph to settle", spinner)
+        elif options.rate <= 0:
+            _wait(lambda: recorder.count("keyframes") >= run.scans_published, 120.0,
+                  f"the keyframe of scan {run.scans_published} (external lock-step needs every scan to become a keyframe; "
+                  "replay with a rate otherwise)", spinner)
+            _wait(recorder.closures_caught_up, 300.0, "registration_node to answer every loop candidate", spinner)
     if nodes:
         _wait(lambda: nodes[0].idle() and _settled(nodes, recorder), 600.0, "the pipeline to finish", spinner)
+    elif options.rate <= 0:
+        _wait(lambda: recorder.closures_caught_up() and recorder.path_complete(), 600.0, "the pipeline to finish", spinner)
     else:
         recorder.wait_quiet(options.settle_s)
     progress(None)
@@ -264,6 +274,7 @@ class _Recorder:
         self.now_ns = 0
         self._lock = threading.Lock()
         self._counts = {topic: 0 for topic in OUTPUT_TOPICS}
+        self._seq = self._path_seq = self._verified_seq = 0  # arrival order of the latest path / verified loop
         self._last = time.monotonic()
         self._writer = bag.open_writer(path, OUTPUT_TOPICS) if path else None
         self._subscriptions = []
@@ -281,6 +292,16 @@ class _Recorder:
         with self._lock:
             return self._counts[topic]
 
+    def closures_caught_up(self) -> bool:
+        """registration_node publishes one closure (verified or not) per candidate."""
+        with self._lock:
+            return self._counts["loop_closures"] >= self._counts["loop_candidates"]
+
+    def path_complete(self) -> bool:
+        """The latest optimised path holds every keyframe and came after the last verified loop."""
+        with self._lock:
+            return set(self.run.keyframe_stamps) <= set(self.run.optimized) and self._path_seq > self._verified_seq
+
     def wait_quiet(self, quiet_s: float) -> None:
         while time.monotonic() - self._last < quiet_s:
             time.sleep(0.1)
@@ -295,6 +316,11 @@ class _Recorder:
                     self._writer.write(topic, self.now_ns, raw)
                 self._decode(topic, msg)
                 self._counts[topic] += 1
+                self._seq += 1
+                if topic == "optimized_path":
+                    self._path_seq = self._seq
+                elif topic == "loop_closures" and msg.verified:
+                    self._verified_seq = self._seq
                 self._last = time.monotonic()
 
         return record
