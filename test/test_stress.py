@@ -99,7 +99,7 @@ def test_sigkill_during_saves_always_leaves_a_loadable_file(drive, tmp_path):
 
     state = build_state(_scans(drive), {"place.weights": "random"})
     report = run_crash_saves(CrashSaveConfig(kills=6, max_delay_s=0.4), state, tmp_path)
-    assert report.saves_completed >= 3, "kills must land while saves are running"
+    assert report.saves_completed >= report.kills, "each kill waits for a finished save, so it lands among saves"
     assert report.intact_loads == report.kills == 6
     assert not any(msg.startswith("LOADED") for msg in report.bad_file_errors.values()), report.bad_file_errors
     assert report.state_kept == len(report.bad_file_errors) == 12

@@ -81,6 +81,15 @@ def _saver(state: dict[str, Any], folder: Path, counter) -> None:
             counter.value += 1
 
 
+def _wait_first_save(child, counter, before: int, timeout_s: float = 300.0) -> None:
+    """Until the child has finished a save, so the kill lands among saves rather than before the first one."""
+    deadline = time.monotonic() + timeout_s
+    while counter.value == before and child.is_alive():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"crash saves: the saving child finished no save in {timeout_s:.0f} s")
+        time.sleep(0.002)
+
+
 def _load_all(state: dict[str, Any], folder: Path) -> bool:
     """True when every file loads with the product's loader and holds what was saved."""
     from bevplace_ros.descriptor_db import DescriptorDatabase
@@ -108,6 +117,7 @@ def run_crash_saves(cfg: CrashSaveConfig, state: dict[str, Any], folder: Path) -
     for _ in range(cfg.kills):
         child = context.Process(target=_saver, args=(state, folder, counter), daemon=True)
         child.start()
+        _wait_first_save(child, counter, counter.value)  # on a loaded machine a fork can take longer than the delay
         time.sleep(rng.uniform(0.02, cfg.max_delay_s))
         os.kill(child.pid, signal.SIGKILL)
         child.join()
