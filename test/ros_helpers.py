@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 
 
-def spin_until(executor, predicate, timeout_s: float = 10.0) -> bool:
-    """Spin `executor` until `predicate()` holds or the (generous) timeout passes."""
+def spin_until(executor, predicate, timeout_s: float = 60.0) -> bool:
+    """Spin `executor` until `predicate()` holds; the deadline only ends a wait that failed, so it is generous
+    (discovery and delivery take seconds on a loaded machine)."""
     deadline = time.monotonic() + timeout_s
     while not predicate() and time.monotonic() < deadline:
         executor.spin_once(timeout_sec=0.05)

@@ -109,7 +109,7 @@ def test_place_node_survives_malformed_clouds_and_odometry_gaps(ros_context, dri
             clouds.publish(_cloud(stamp_ns, frame.points))
             sent_good += i != 3
             handled = node.clouds_handled
-            assert spin_until(executor, lambda: node.clouds_handled > handled and node.idle(), 60.0)
+            assert spin_until(executor, lambda: node.clouds_handled > handled and node.idle(), 120.0)
             for late in (_cloud(stamp_ns - 10**9, frame.points), _cloud(stamp_ns + 1, frame.points, frame="elsewhere")):
                 clouds.publish(late)  # backwards in time; then a foreign frame id
                 handled = node.clouds_handled
