@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import numpy as np
 
-HELP = "latency of decode, BEV, descriptor (1 and R rotations), database query; peak RSS; bytes per keyframe"
+HELP = "latency of decode, BEV, descriptor (1 and R rotations; the BEVPlace v1 network and keyframe), database query; peak RSS; bytes per keyframe"
 # Without --scan: KITTI-like scans the simulator makes (HDL-64E geometry: 64 beams, +2..-24.8 deg, ~117k points,
 # a 10 Hz sweep every 1 m along the demo drive).
 SIM_SCAN_OVERRIDES = {"lidar.beams": 64, "lidar.columns": 2000, "lidar.fov_up_deg": 2.0, "lidar.fov_down_deg": -24.8,
@@ -111,6 +111,33 @@ def _network_stages(image, rotations: list[int], device, repeats: int) -> dict:
     return out
 
 
+def _v1_stages(image, device, repeats: int) -> dict:
+    """The BEVPlace authors' network (shipped converted weights): the bare network, eager and
+    inference copy, and a whole keyframe as the node makes it (descriptor + local features + keypoints)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bevplace_ros.models.checkpoint import DEFAULT_V1_WEIGHTS, V1, load_checkpoint
+    from bevplace_ros.place_recognizer import PlaceRecognizer, PlaceRecognizerConfig
+
+    x = torch.from_numpy(image)[None, None].to(device)
+    eager = load_checkpoint(DEFAULT_V1_WEIGHTS).to(device)
+    fast = eager.for_inference().to(device)
+    recognizer = PlaceRecognizer(PlaceRecognizerConfig(model=V1, device=str(device)))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with FlopCounterMode(display=False) as counter:
+        with torch.inference_mode():
+            fast(x)
+    row = {"gflop": counter.get_total_flops() / 1e9}
+    with torch.inference_mode():
+        row["eager_no_grad"] = _median_ms(lambda: (eager(x), sync()), repeats)
+        row["inference"] = _median_ms(lambda: (fast(x), sync()), repeats)
+    row["keyframe"] = _median_ms(lambda: recognizer.describe_images(image[None]), repeats)
+    row["gflops_achieved"] = row["gflop"] / (row["inference"]["median_ms"] / 1e3)
+    row["peak_rss_mib_so_far"] = _peak_rss_mib()
+    return row
+
+
 def _synthetic_descriptors(n: int, dim: int, rng) -> np.ndarray:
     """Places visited along a trajectory: each keyframe near one of n/10 place centres, so
     near neighbours exist as in a real map (uniform random vectors would make HNSW look bad)."""
@@ -161,6 +188,10 @@ def _print_table(report: dict) -> None:
         for kind in ("eager_no_grad", "inference"):
             print(f"{name + ' ' + kind:44s} {row[kind]['median_ms']:10.2f} {row[kind]['min_ms']:8.2f}")
         print(f"{name + ' GFLOP / achieved GFLOP/s':44s} {row['gflop']:10.2f} {row['gflops_achieved']:8.1f}")
+    v1 = report["bevplace_v1"]
+    for kind in ("eager_no_grad", "inference", "keyframe"):
+        print(f"{'bevplace_v1 ' + kind:44s} {v1[kind]['median_ms']:10.2f} {v1[kind]['min_ms']:8.2f}")
+    print(f"{'bevplace_v1 GFLOP / achieved GFLOP/s':44s} {v1['gflop']:10.2f} {v1['gflops_achieved']:8.1f}")
     print(f"{'keypoints + BEV pose (pair)':44s} {report['pose']['median_ms']:10.2f} {report['pose']['min_ms']:8.2f}")
     for row in report["database"]:
         label = f"query dim={row['dim']} n={row['size']}"
@@ -203,6 +234,7 @@ def run(args: argparse.Namespace) -> int:
     report["bev"] = _median_ms(lambda: make_bev(points, bev_cfg), args.repeats)
     image = make_bev(points, bev_cfg)
     report["network"] = _network_stages(image, args.rotations, device, args.repeats)
+    report["bevplace_v1"] = _v1_stages(image, device, args.repeats)
     model = build_seeded_model().for_inference()
     other = make_bev(transform_points(invert(xyyaw_to_matrix(2.0, -1.0, 0.3)), points), bev_cfg)
     with torch.inference_mode():

@@ -11,12 +11,14 @@ HELP = "write one float32 BEVPlace descriptor per frame (frame order) to a .npy 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from bevplace_ros.models.checkpoint import DEFAULT_PLACE_WEIGHTS
+    from bevplace_ros.models.checkpoint import EQUIVARIANT, MODEL_KINDS
 
     parser.add_argument("dataset", metavar="DATASET[@START:END[:STEP]]", help="rosbag2, KITTI-style (velodyne/*.bin) or BEV image folder (imgs/ + pose.txt)")
     parser.add_argument("--out", type=Path, required=True, help="output .npy, shape (frames, descriptor dim)")
-    parser.add_argument("--weights", default=str(DEFAULT_PLACE_WEIGHTS), help="checkpoint ('random': untrained seeded network)")
-    parser.add_argument("--rotations", type=int, default=8)
+    parser.add_argument("--model", choices=MODEL_KINDS, default=EQUIVARIANT, help="network: the package's equivariant one or the BEVPlace authors' v1")
+    parser.add_argument("--weights", default="", help="checkpoint of --model (bevplace_v1: the authors' .pth.tar too); empty: the shipped weights; "
+                                                      "'random': untrained seeded network")
+    parser.add_argument("--rotations", type=int, default=8, help="rotations of the equivariant network (bevplace_v1: fixed 5 x 5 group)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
 
@@ -29,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     from bevplace_ros.atomic_io import atomic_write
     from bevplace_ros.device import resolve_device
-    from bevplace_ros.models.checkpoint import CheckpointError, load_place_model
+    from bevplace_ros.models.checkpoint import RANDOM_WEIGHTS, CheckpointError, load_place_model, shipped_weights
     from bevplace_ros.training.place_dataset import (
         PlaceDataError,
         SequenceSpec,
@@ -41,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("embed: need --rotations in [1, 64] and --batch >= 1")
     device = resolve_device(args.device)
     try:
-        model = load_place_model(args.weights, rotations=args.rotations).for_inference().to(device)
+        weights = args.weights if args.weights == RANDOM_WEIGHTS else shipped_weights(args.weights, args.model)
+        model = load_place_model(weights, rotations=args.rotations, kind=args.model).for_inference().to(device)
         spec = SequenceSpec.parse(args.dataset)
         images, out = iter_bev_images(spec), []
         with torch.inference_mode():

@@ -21,6 +21,7 @@ from bevplace_ros.bev import BEVConfig
 from bevplace_ros.device import DEVICE_CHOICES
 from bevplace_ros.keyframe_selector import KeyframeSelector, KeyframeSelectorConfig
 from bevplace_ros.loop_detector import Candidate, DetectedKeyframe, LoopDetectorConfig
+from bevplace_ros.models.checkpoint import MODEL_KINDS
 from bevplace_ros.msg import Keyframe, LoopCandidate
 from bevplace_ros.nodes.conversions import (
     ns_to_stamp,
@@ -66,7 +67,10 @@ PARAMS = [
         "max_keyframes": ("Descriptor database bound; beyond it the oldest keyframes are forgotten.", 10, 100_000_000),
         "bev_in_memory": ("BEV images kept in RAM for the 3-DoF guess; older ones spill or are dropped.", 1, 10_000_000),
     }, runtime=False),
-    ParamSpec("place.weights", PlaceMapConfig.weights, "BEVPlace weights (.pt); empty = the shipped weights.", runtime=False),
+    ParamSpec("place.model", PlaceMapConfig.model, "Place network: the package's rotation-equivariant one or the BEVPlace authors' v1 (ICCV 2023).",
+              choices=MODEL_KINDS, runtime=False),
+    ParamSpec("place.weights", PlaceMapConfig.weights, "Weights of place.model (.pt; bevplace_v1 also the authors' .pth.tar); empty = its shipped weights.",
+              runtime=False),
     ParamSpec("place.device", PlaceMapConfig.device, "Torch device for the network.", choices=DEVICE_CHOICES, runtime=False),
     ParamSpec("place.spill_dir", PlaceMapConfig.spill_dir, "Folder for spilled BEV images; empty drops the oldest instead.", runtime=False),
     *specs_from_config(KeyframeSelectorConfig, "keyframe.", {
@@ -113,7 +117,7 @@ class PlaceRecognitionNode(Node):
             raise ValueError(f"base_to_sensor must have 6 numbers (x y z roll pitch yaw), got {len(p['base_to_sensor'])}")
         x, y, z, *rpy = p["base_to_sensor"]
         self.T_base_sensor = make_transform(Rotation.from_euler("xyz", rpy).as_matrix(), np.array([x, y, z]))
-        map_cfg = replace(config_from_params(PlaceMapConfig, p, "place."), weights=p["place.weights"], device=p["place.device"], spill_dir=p["place.spill_dir"])
+        map_cfg = replace(config_from_params(PlaceMapConfig, p, "place."), model=p["place.model"], weights=p["place.weights"], device=p["place.device"], spill_dir=p["place.spill_dir"])
         self.bev_cfg = config_from_params(BEVConfig, p, "bev.")
         self.map = PlaceMap(map_cfg, self.bev_cfg, config_from_params(LoopDetectorConfig, p, "retrieval."))
         self.selector = KeyframeSelector(config_from_params(KeyframeSelectorConfig, p, "keyframe."))
