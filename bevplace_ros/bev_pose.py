@@ -8,6 +8,7 @@ a vectorised 2-D rigid RANSAC keeps the geometrically consistent ones.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -18,6 +19,9 @@ from bevplace_ros.bev import BEVConfig
 from bevplace_ros.models.backbone import STRIDE
 from bevplace_ros.models.bevplace_net import feature_coords
 from bevplace_ros.se3 import xyyaw_to_matrix
+
+# Image pixel (row, col) -> fractional (row, col) on a model's local feature map, given the image size.
+FeatureCoords = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -79,21 +83,24 @@ def detect_keypoints(bev: np.ndarray, cfg: BEVPoseConfig) -> np.ndarray:
     return pts[order, :2]
 
 
-def sample_descriptors(local: np.ndarray | torch.Tensor, rows_cols: np.ndarray, image_size: int) -> np.ndarray:
+def sample_descriptors(local: np.ndarray | torch.Tensor, rows_cols: np.ndarray, image_size: int, coords: FeatureCoords = feature_coords) -> np.ndarray:
     """Bilinear samples of the (C, h, w) feature map at image pixel positions, L2-normalised."""
     feats = torch.as_tensor(local, dtype=torch.float32)
     if len(rows_cols) == 0:
         return np.zeros((0, feats.shape[0]), dtype=np.float32)
-    fc = feature_coords(torch.as_tensor(rows_cols, dtype=torch.float32), image_size)
+    fc = coords(torch.as_tensor(rows_cols, dtype=torch.float32), image_size)
     h, w = feats.shape[-2:]
     grid = torch.stack([2 * fc[:, 1] / (w - 1) - 1, 2 * fc[:, 0] / (h - 1) - 1], dim=-1)
     sampled = F.grid_sample(feats[None], grid[None, None], mode="bilinear", align_corners=True)[0, :, 0].T
     return np.ascontiguousarray(F.normalize(sampled, dim=1).numpy())
 
 
-def extract_keypoints(bev: np.ndarray, local: np.ndarray | torch.Tensor, bev_cfg: BEVConfig, cfg: BEVPoseConfig) -> BEVKeypoints:
+def extract_keypoints(bev: np.ndarray, local: np.ndarray | torch.Tensor, bev_cfg: BEVConfig, cfg: BEVPoseConfig,
+                      coords: FeatureCoords = feature_coords) -> BEVKeypoints:
+    """FAST keypoints of the image with descriptors from the model's local features; `coords` is
+    the model's pixel -> feature-map mapping (the default: BEVPlaceNet's stride-8 map)."""
     rows_cols = detect_keypoints(bev, cfg)
-    return BEVKeypoints(bev_cfg.pixel_to_xy(rows_cols[:, 0], rows_cols[:, 1]), sample_descriptors(local, rows_cols, bev.shape[0]))
+    return BEVKeypoints(bev_cfg.pixel_to_xy(rows_cols[:, 0], rows_cols[:, 1]), sample_descriptors(local, rows_cols, bev.shape[0], coords))
 
 
 def mutual_matches(desc_a: np.ndarray, desc_b: np.ndarray) -> np.ndarray:
