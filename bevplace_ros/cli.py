@@ -23,6 +23,7 @@ COMMANDS: tuple[tuple[str | None, str, str], ...] = (
     ("train", "registration", "train_registration"),
     ("evaluate", "place", "evaluate_place"),
     ("evaluate", "registration", "evaluate_registration"),
+    ("evaluate", "bev", "evaluate_bev"),
     ("evaluate", "sessions", "evaluate_sessions"),
     ("benchmark", "place", "benchmark_place"),
     ("benchmark", "registration", "benchmark_registration"),

@@ -11,10 +11,13 @@ import torch
 
 from bevplace_ros.bev import BEVConfig
 from bevplace_ros.models.bevplace_net import BEVPlaceNetConfig, build_seeded_model
+from bevplace_ros.models.bevplace_v1 import BEVPlaceV1, BEVPlaceV1Config
 from bevplace_ros.models.checkpoint import (
     DEFAULT_PLACE_WEIGHTS,
+    DEFAULT_V1_WEIGHTS,
     CheckpointError,
     load_checkpoint,
+    save_checkpoint,
 )
 from bevplace_ros.training.losses import quadruplet_loss, triplet_loss
 from bevplace_ros.training.mining import MiningConfig, PlaceGraph, mine_tuples
@@ -42,11 +45,12 @@ def test_sequence_spec_parsing():
         SequenceSpec.parse("x@5:3")
 
 
-def _kitti_folder(root: Path, rng: np.random.Generator, with_poses: bool = True) -> Path:
+def _kitti_folder(root: Path, rng: np.random.Generator, with_poses: bool = True, frames: int = 6) -> Path:
     (root / "velodyne").mkdir(parents=True)
     poses = []
-    for i in range(6):
+    for i in range(frames):
         pts = np.column_stack([rng.uniform(-20, 20, (500, 2)), rng.uniform(-1.4, 0.9, 500), np.ones(500)]).astype(np.float32)
+        pts[:, 0] -= 2.0 * i  # the same random world seen from 2 m further each frame
         pts.tofile(root / "velodyne" / f"{i:06d}.bin")
         poses.append([1, 0, 0, 2.0 * i, 0, 1, 0, 0, 0, 0, 1, 0])
     if with_poses:
@@ -132,18 +136,18 @@ def test_augmentation_identity_and_half_turn(rng):
     assert moved.shape == images.shape and not torch.allclose(moved, images)
 
 
-def _toy_sequences(rng: np.random.Generator) -> tuple[list[PlaceSequence], list[PlaceSequence]]:
-    """Two small 'drives' of 24x24 images whose content changes with position."""
+def _toy_sequences(rng: np.random.Generator, size: int = 24, frames: tuple[int, int, int] = (30, 24, 24)) -> tuple[list[PlaceSequence], list[PlaceSequence]]:
+    """Two small 'drives' of size x size images whose content changes with position, and a looping one."""
 
     def drive(name: str, seed: int, n: int, loop: bool) -> PlaceSequence:
         r = np.random.default_rng(seed)
-        strip = (r.random((24, 24 + 2 * n)) > 0.9).astype(np.uint8) * 255
+        strip = (r.random((size, size + 2 * n)) > 0.9).astype(np.uint8) * 255
         k = np.r_[np.arange(n // 2), np.arange(n - n // 2)] if loop else np.arange(n)
         poses = np.tile(np.eye(4), (n, 1, 1))
         poses[:, 0, 3] = 2.0 * k
-        return PlaceSequence(name, np.stack([strip[:, 2 * i : 2 * i + 24] for i in k]), poses, np.arange(n))
+        return PlaceSequence(name, np.stack([strip[:, 2 * i : 2 * i + size] for i in k]), poses, np.arange(n))
 
-    return [drive("a", 1, 30, False), drive("b", 2, 24, False)], [drive("v", 3, 24, True)]
+    return [drive("a", 1, frames[0], False), drive("b", 2, frames[1], False)], [drive("v", 3, frames[2], True)]
 
 
 def test_tiny_training_is_deterministic_and_resumes(tmp_path, rng):
@@ -182,6 +186,50 @@ def test_frozen_backbone_trains_netvlad_only_from_the_feature_bank(tmp_path, rng
             torch.testing.assert_close(value, seeded[key], msg=f"{key} moved")
     assert any(not torch.equal(value, start[key]) for key, value in load_checkpoint(tmp_path / "frozen" / "epoch_002.pt").state_dict().items()
                if key.startswith("vlad.")), "NetVLAD did not learn"
+
+
+def test_fine_tuning_a_v1_checkpoint_trains_its_netvlad_from_its_own_centroids(tmp_path, rng, torch_one_thread):
+    """`--init`: the authors' network (here a small seeded one) keeps its backbone and starts from its
+    NetVLAD: no k-means re-initialisation, and the assignment bias the authors lack stays zero."""
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "v1.pt", BEVPlaceV1(BEVPlaceV1Config(image_size=64)))
+    start = load_checkpoint(tmp_path / "v1.pt").state_dict()
+    train, val = _toy_sequences(rng, size=64, frames=(8, 6, 8))
+    cfg = PlaceTrainConfig(epochs=2, batch_tuples=2, val_exclude_recent=2, encode_batch=8, device="cpu", train_backbone=False, bank_views=1,
+                           lr=1e-2, init=str(tmp_path / "v1.pt"),
+                           mining=MiningConfig(pos_radius_m=3, neg_radius_m=5, negatives=2, queries_per_epoch=4, pool_size=12))
+    model, history = train_place(train, val, cfg, tmp_path / "ft", progress=lambda m: None)
+    assert model.kind == "bevplace_v1" and all(h.tuples > 0 and np.isfinite(h.loss) for h in history)
+    tuned = model.state_dict()
+    for key in start:
+        if key.startswith("encoder."):
+            torch.testing.assert_close(tuned[key], start[key], msg=f"{key} moved")
+    moved = (tuned["vlad.centroids"] - start["vlad.centroids"]).abs().max()
+    steps = sum(-(-h.tuples // cfg.batch_tuples) for h in history)
+    assert 0 < moved <= 1.01 * steps * cfg.lr, (moved, steps)  # Adam moves a weight ~lr per step: from the file's centroids, not k-means ones
+    assert not torch.equal(tuned["vlad.assign.weight"], start["vlad.assign.weight"])
+    assert torch.count_nonzero(tuned["vlad.assign.bias"]) == 0
+
+
+@pytest.mark.slow
+def test_train_place_init_authors_fine_tunes_the_shipped_v1_on_raw_scans(tmp_path, rng, torch_one_thread):
+    """The command: the shipped v1 weights, raw scans rasterised with the bevplace_kitti preset, NetVLAD only."""
+    from bevplace_ros.bev import BEVConfig, make_bev
+    from bevplace_ros.cli import main
+    from bevplace_ros.datasets.kitti import read_kitti
+
+    data = _kitti_folder(tmp_path / "seq", rng, frames=10)
+    out = tmp_path / "tuned.pt"
+    assert main(["train", "place", str(data), "--init", "authors", "--freeze-backbone", "--bank-views", "1", "--epochs", "1",
+                 "--queries", "4", "--pool", "10", "--negatives", "1", "--batch", "2", "--pos-radius", "3", "--neg-radius", "5",
+                 "--lr", "1e-2", "--work-dir", str(tmp_path / "work"), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+                 "--device", "cpu"]) == 0
+    tuned, shipped = load_checkpoint(out).state_dict(), load_checkpoint(DEFAULT_V1_WEIGHTS).state_dict()
+    assert all(torch.equal(tuned[k], shipped[k]) for k in shipped if k.startswith("encoder."))
+    assert not torch.equal(tuned["vlad.centroids"], shipped["vlad.centroids"])
+    rendered = load_sequence(str(data), BEVConfig.preset("bevplace_kitti"), cache_dir=tmp_path / "cache").images  # cached by the run
+    first = next(iter(read_kitti(data))).points
+    np.testing.assert_array_equal(rendered[0], np.round(make_bev(first, BEVConfig.preset("bevplace_kitti")) * 255))
 
 
 def test_feature_bank_view_zero_is_the_networks_own_output(rng):

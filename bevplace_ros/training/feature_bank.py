@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bevplace_ros.models.bevplace_net import BEVPlaceNet
+from bevplace_ros.models.checkpoint import PlaceModel
+from bevplace_ros.training.place_dataset import PlaceSequence, SequenceSpec, cached_arrays, sequence_cache_key
 
 
-def local_feature_key(model: BEVPlaceNet) -> str:
+def local_feature_key(model: PlaceModel) -> str:
     """Changes with anything that changes the local features: the network code, backbone weights,
     input blur, rotations (not NetVLAD, so weights that share a backbone share cached features)."""
     import bevplace_ros.models as models
@@ -45,7 +46,7 @@ class FeatureBank:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, model: BEVPlaceNet, images: np.ndarray, augmentations: int, augment: Callable[[torch.Tensor], torch.Tensor],
+    def build(cls, model: PlaceModel, images: np.ndarray, augmentations: int, augment: Callable[[torch.Tensor], torch.Tensor],
               batch: int, device: torch.device, progress: Callable[[str], None] | None = None) -> FeatureBank:
         """Run uint8 images (N, H, W) through the model's backbone at its current rotations."""
         fast = model.for_inference().to(device)  # BN folded: same features, less time
@@ -65,8 +66,18 @@ class FeatureBank:
         return self.features[frames, chosen].float()
 
     @torch.no_grad()
-    def descriptors(self, model: BEVPlaceNet, device: torch.device, frames: np.ndarray | None = None, batch: int = 256) -> np.ndarray:
+    def descriptors(self, model: PlaceModel, device: torch.device, frames: np.ndarray | None = None, batch: int = 256) -> np.ndarray:
         """(len(frames), D) global descriptors of the unaltered views (all frames by default) through the model's NetVLAD."""
         frames = np.arange(len(self.features)) if frames is None else np.asarray(frames)
         out = [model.global_descriptor(self.local(frames[s : s + batch]).to(device)).cpu().numpy() for s in range(0, len(frames), batch)]
         return np.concatenate(out)
+
+
+def sequence_local_features(model: PlaceModel, seq: PlaceSequence, spec: SequenceSpec, cache_dir: Path, batch: int,
+                            device: torch.device) -> np.ndarray:
+    """(N, C, h, w) float16 local features of every frame of `seq`, unaltered, cached per (sequence,
+    local_feature_key): every command that evaluates the same backbone on the same frames pays once."""
+    def compute() -> tuple[np.ndarray]:
+        return (FeatureBank.build(model, seq.images, 1, lambda x: x, batch, device).features[:, 0].numpy(),)
+
+    return cached_arrays(cache_dir, f"{sequence_cache_key(spec)}-local-{local_feature_key(model)}", ("local_float16",), compute)[0]

@@ -1,5 +1,6 @@
-"""Metric learning of BEVPlaceNet: NetVLAD k-means init, per-epoch hard-negative mining over a
-descriptor cache, random yaw + shift augmentation, Adam, a checkpoint per epoch, resume.
+"""Metric learning of a place network: NetVLAD k-means init (or fine-tuning of a trained checkpoint,
+such as the BEVPlace authors' v1 model, from its own centroids), per-epoch hard-negative mining over
+a descriptor cache, random yaw + shift augmentation, Adam, a checkpoint per epoch, resume.
 
 Every epoch draws its randomness from (seed, epoch), so a resumed run repeats exactly what an
 uninterrupted one would have done, without storing generator states.
@@ -28,12 +29,11 @@ from bevplace_ros.evaluation.place_metrics import (
     revisit_directions,
 )
 from bevplace_ros.models.bevplace_net import (
-    BEVPlaceNet,
     BEVPlaceNetConfig,
     build_seeded_model,
     rotation_thetas,
 )
-from bevplace_ros.models.checkpoint import load_checkpoint, save_checkpoint
+from bevplace_ros.models.checkpoint import PlaceModel, load_checkpoint, save_checkpoint
 from bevplace_ros.training.feature_bank import FeatureBank, local_feature_key
 from bevplace_ros.training.losses import LOSSES, quadruplet_loss, triplet_loss
 from bevplace_ros.training.mining import (
@@ -86,6 +86,9 @@ class PlaceTrainConfig:
     # views per frame (the first unaltered) at train_rotations; validation then runs at train_rotations too.
     train_backbone: bool = True
     bank_views: int = 2
+    # "": a seeded BEVPlaceNet with k-means centroids; else a checkpoint to fine-tune (any model kind),
+    # starting from its own NetVLAD, so that what it learnt elsewhere is the starting point.
+    init: str = ""
     mining: MiningConfig = field(default_factory=MiningConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -141,7 +144,7 @@ def augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator
 
 
 @torch.no_grad()
-def encode(model: BEVPlaceNet, images: np.ndarray, batch: int, device: torch.device, rotations: int) -> np.ndarray:
+def encode(model: PlaceModel, images: np.ndarray, batch: int, device: torch.device, rotations: int) -> np.ndarray:
     """(N, D) descriptors of uint8 images in eval mode at `rotations`; restores the model's mode."""
     was_training, kept = model.training, model.rotations
     model.eval()
@@ -156,7 +159,7 @@ def encode(model: BEVPlaceNet, images: np.ndarray, batch: int, device: torch.dev
 
 
 @torch.no_grad()
-def init_centroids(model: BEVPlaceNet, data: PlaceTrainingSet, cfg: PlaceTrainConfig, device: torch.device) -> None:
+def init_centroids(model: PlaceModel, data: PlaceTrainingSet, cfg: PlaceTrainConfig, device: torch.device) -> None:
     """k-means on normalised local features of random training images (NetVLAD's initialisation)."""
     import faiss
 
@@ -175,7 +178,7 @@ def init_centroids(model: BEVPlaceNet, data: PlaceTrainingSet, cfg: PlaceTrainCo
     model.vlad.set_centroids(torch.from_numpy(kmeans.centroids).to(device))
 
 
-def validate(model: BEVPlaceNet, sequences: list[PlaceSequence], cfg: PlaceTrainConfig, device: torch.device,
+def validate(model: PlaceModel, sequences: list[PlaceSequence], cfg: PlaceTrainConfig, device: torch.device,
              banks: list[FeatureBank] | None = None) -> float | None:
     """Threshold-free loop Recall@1 over the revisits of the validation sequences (pooled)."""
     hits, total = 0.0, 0
@@ -189,7 +192,7 @@ def validate(model: BEVPlaceNet, sequences: list[PlaceSequence], cfg: PlaceTrain
     return None if total == 0 else 100.0 * hits / total
 
 
-def _step(model: BEVPlaceNet, data: PlaceTrainingSet, batch: list[Tuple], cfg: PlaceTrainConfig, device: torch.device, generator: torch.Generator,
+def _step(model: PlaceModel, data: PlaceTrainingSet, batch: list[Tuple], cfg: PlaceTrainConfig, device: torch.device, generator: torch.Generator,
           bank: FeatureBank | None) -> torch.Tensor:
     k = cfg.mining.negatives
     frames = np.concatenate([[t.query for t in batch], [t.positive for t in batch], np.concatenate([t.negatives for t in batch]), [t.other for t in batch]])
@@ -207,14 +210,14 @@ def _step(model: BEVPlaceNet, data: PlaceTrainingSet, batch: list[Tuple], cfg: P
     return quadruplet_loss(q, p, n, desc[2 * b + b * k :], cfg.margin, cfg.margin2)
 
 
-def _save_state(work_dir: Path, model: BEVPlaceNet, optimizer: torch.optim.Optimizer, history: list[EpochReport], cfg: PlaceTrainConfig) -> None:
+def _save_state(work_dir: Path, model: PlaceModel, optimizer: torch.optim.Optimizer, history: list[EpochReport], cfg: PlaceTrainConfig) -> None:
     buffer = io.BytesIO()
     torch.save({"epoch": history[-1].epoch, "optimizer": optimizer.state_dict(), "history": [asdict(h) for h in history], "config": asdict(cfg)}, buffer)
     save_checkpoint(work_dir / f"epoch_{history[-1].epoch:03d}.pt", model)
     atomic_write_bytes(work_dir / STATE_NAME, buffer.getvalue())
 
 
-def _resume(work_dir: Path, device: torch.device) -> tuple[BEVPlaceNet, dict] | None:
+def _resume(work_dir: Path, device: torch.device) -> tuple[PlaceModel, dict] | None:
     state_path = work_dir / STATE_NAME
     if not state_path.is_file():
         return None
@@ -231,7 +234,7 @@ def train_place(
     resume: bool = False,
     progress: Callable[[str], None] = print,
     bank_dir: Path | None = None,
-) -> tuple[BEVPlaceNet, list[EpochReport]]:
+) -> tuple[PlaceModel, list[EpochReport]]:
     """Train and return (the model of the best validation epoch, or the last without validation; history).
     bank_dir: where frozen-backbone feature banks are kept (default work_dir)."""
     from tqdm import tqdm
@@ -246,12 +249,14 @@ def train_place(
     data = PlaceTrainingSet(train, cfg.mining)
     resumed = _resume(work_dir, device) if resume else None
     history: list[EpochReport] = []
-    if resumed is None:
+    if resumed is None and cfg.init:
+        model = load_checkpoint(cfg.init, rotations=cfg.eval_rotations).to(device)
+    elif resumed is None:
         model = build_seeded_model(BEVPlaceNetConfig(rotations=cfg.eval_rotations, clusters=cfg.clusters), seed=cfg.seed).to(device)
         init_centroids(model, data, cfg, device)
     else:
         model, state = resumed
-    trained = [p for name, p in model.named_parameters() if cfg.train_backbone or not name.startswith("backbone.")]
+    trained = _trained_parameters(model, cfg.train_backbone)
     optimizer = torch.optim.Adam(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if resumed is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -292,7 +297,14 @@ def train_place(
     return final, history
 
 
-def _feature_banks(model: BEVPlaceNet, train: list[PlaceSequence], val: list[PlaceSequence], cfg: PlaceTrainConfig, device: torch.device,
+def _trained_parameters(model: PlaceModel, train_backbone: bool) -> list[torch.nn.Parameter]:
+    """Everything that can learn, less the backbone when it is frozen (and parameters fixed by the
+    model itself, such as the v1 NetVLAD's absent assignment bias)."""
+    frozen = set() if train_backbone else {id(p) for p in model.backbone.parameters()}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in frozen]
+
+
+def _feature_banks(model: PlaceModel, train: list[PlaceSequence], val: list[PlaceSequence], cfg: PlaceTrainConfig, device: torch.device,
                    bank_dir: Path, progress: Callable[[str], None]) -> tuple[FeatureBank, list[FeatureBank]]:
     """Banks of the training frames (cfg.bank_views views, seeded augmentations) and validation frames
     (unaltered), one per sequence in bank_dir: other runs over the same sequences skip the CNN pass."""
