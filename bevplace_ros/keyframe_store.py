@@ -1,8 +1,13 @@
-"""Bounded per-keyframe storage (clouds, BEV images) for runs of many hours.
+"""Bounded per-keyframe storage (clouds, BEV keypoints) for runs of many hours.
 
 Memory stays under `max_in_memory` entries: the oldest entries are spilled to `spill_dir` as .npy
 files when one is configured (they can still be loaded for a loop with an old place), or dropped
 otherwise (a loop to a dropped keyframe is then reported as unverifiable, never guessed).
+
+The place map keeps each keyframe's BEV keypoints here (`BEVKeypoints.packed`: float16, (2 + 128)
+x 2 = 260 bytes a keypoint, at most `BEVPoseConfig.max_keypoints` = 500 of them, so <= 130 kB a
+keyframe; about 51 kB for the median published KITTI image, 196 keypoints), bounded by
+`place.bev_in_memory` (2,000 keyframes: <= 260 MB, ~100 MB on KITTI-like scans).
 """
 
 from __future__ import annotations
@@ -74,24 +79,31 @@ class KeyframeStore:
     def keys(self) -> list[int]:
         return sorted([*self._memory, *self._disk])
 
-    def save(self, path: str | Path) -> Path:
-        """All entries (memory and disk) in one file, atomically; entries share a trailing shape."""
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """All entries (memory and disk) as keys, offsets and one concatenated array; entries share a trailing shape."""
         keys = self.keys()
         arrays = [self.get(k) for k in keys]
         data = np.concatenate(arrays) if arrays else np.zeros((0,), dtype=np.float32)
         offsets = np.cumsum([0] + [len(a) for a in arrays])
-        return save_versioned_npz(path, FORMAT_NAME, FORMAT_VERSION, {"keys": np.array(keys, dtype=np.int64), "offsets": offsets, "data": data})
+        return {"keys": np.array(keys, dtype=np.int64), "offsets": offsets, "data": data}
 
-    def load(self, path: str | Path) -> int:
-        """Replace the entries with a saved store's; on any error the current entries are kept."""
-        saved = load_versioned_npz(path, FORMAT_NAME, FORMAT_VERSION, ("keys", "offsets", "data"), KeyframeStoreError)
-        keys, offsets, data = saved["keys"], saved["offsets"], saved["data"]
+    def from_arrays(self, keys: np.ndarray, offsets: np.ndarray, data: np.ndarray, source: str) -> int:
+        """Replace the entries with those of `to_arrays`; on a mismatch the current entries are kept."""
         if len(offsets) != len(keys) + 1 or offsets[-1] != len(data) or np.any(np.diff(offsets) < 0):
-            raise KeyframeStoreError(f"{path}: keys and data lengths disagree")
+            raise KeyframeStoreError(f"{source}: keys and data lengths disagree")
         self.clear()
         for i, key in enumerate(keys):
             self.put(int(key), data[offsets[i]:offsets[i + 1]])
         return len(keys)
+
+    def save(self, path: str | Path) -> Path:
+        """All entries in one file, atomically."""
+        return save_versioned_npz(path, FORMAT_NAME, FORMAT_VERSION, self.to_arrays())
+
+    def load(self, path: str | Path) -> int:
+        """Replace the entries with a saved store's; on any error the current entries are kept."""
+        saved = load_versioned_npz(path, FORMAT_NAME, FORMAT_VERSION, ("keys", "offsets", "data"), KeyframeStoreError)
+        return self.from_arrays(saved["keys"], saved["offsets"], saved["data"], str(path))
 
     def clear(self) -> None:
         self._memory.clear()

@@ -13,8 +13,13 @@ Two protocols:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from bevplace_ros.bev_pose import BEVKeypoints, BEVPoseConfig
+    from bevplace_ros.loop_detector import LoopDetectorConfig
 
 DIRECTIONS = ("same", "reverse")
 
@@ -51,14 +56,19 @@ def top_percent_k(database_size: int) -> int:
     return max(1, round(0.01 * database_size))
 
 
-def descriptor_top_k(database: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """(Q, k) database rows nearest to each query in L2 (exact faiss search)."""
+def descriptor_search(database: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(Q, k) database rows nearest to each query in L2 (exact faiss search), and their L2 distances."""
     import faiss
 
     index = faiss.IndexFlatL2(database.shape[1])
     index.add(np.ascontiguousarray(database, dtype=np.float32))
-    _, rows = index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, len(database)))
-    return rows
+    d2, rows = index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, len(database)))
+    return rows, np.sqrt(np.maximum(d2, 0.0))
+
+
+def descriptor_top_k(database: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """(Q, k) database rows nearest to each query in L2."""
+    return descriptor_search(database, queries, k)[0]
 
 
 def split_recall(top_k: np.ndarray, db_positions: np.ndarray, query_positions: np.ndarray, radius_m: float = 5.0) -> SplitRecall:
@@ -83,22 +93,66 @@ def earlier_mask(n: int, exclude_recent: int) -> np.ndarray:
     return i[None, :] < (i[:, None] - exclude_recent)
 
 
-def descriptor_loop_matches(descriptors: np.ndarray, exclude_recent: int, chunk: int = 1024) -> LoopMatches:
-    """Nearest older descriptor of every frame; chunked so N x N distances never sit in memory at once."""
+def descriptor_loop_top_k(descriptors: np.ndarray, exclude_recent: int, k: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """(N, k) nearest older frames of every frame, nearest first (-1 / inf where fewer are allowed),
+    and their L2 distances; chunked so N x N distances never sit in memory at once."""
     x = np.ascontiguousarray(descriptors, dtype=np.float32)
     n = len(x)
+    k = min(k, n)
     sq = (x * x).sum(axis=1)
-    match = np.full(n, -1, dtype=np.int64)
-    distance = np.full(n, np.inf)
+    match = np.full((n, k), -1, dtype=np.int64)
+    distance = np.full((n, k), np.inf)
     for start in range(0, n, chunk):
         rows = np.arange(start, min(start + chunk, n))
         d2 = sq[rows, None] + sq[None, :] - 2.0 * (x[rows] @ x.T)
         d2 = np.where(np.arange(n)[None, :] < (rows[:, None] - exclude_recent), d2, np.inf)
-        best = d2.argmin(axis=1)
-        ok = np.isfinite(d2[np.arange(len(rows)), best])
-        match[rows[ok]] = best[ok]
-        distance[rows[ok]] = np.sqrt(np.maximum(d2[np.arange(len(rows)), best][ok], 0.0))
-    return LoopMatches(match, distance)
+        best = np.argpartition(d2, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(rows), 1))
+        best = np.take_along_axis(best, np.argsort(np.take_along_axis(d2, best, axis=1), axis=1, kind="stable"), axis=1)
+        d = np.take_along_axis(d2, best, axis=1)
+        ok = np.isfinite(d)
+        match[rows] = np.where(ok, best, -1)
+        distance[rows] = np.where(ok, np.sqrt(np.maximum(d, 0.0)), np.inf)
+    return match, distance
+
+
+def descriptor_loop_matches(descriptors: np.ndarray, exclude_recent: int, chunk: int = 1024) -> LoopMatches:
+    """Nearest older descriptor of every frame."""
+    match, distance = descriptor_loop_top_k(descriptors, exclude_recent, 1, chunk)
+    return LoopMatches(match[:, 0], distance[:, 0])
+
+
+def rerank_rows(rows: np.ndarray, distances: np.ndarray, query_keypoints: Sequence[BEVKeypoints], keypoints: Sequence[BEVKeypoints],
+                cfg: LoopDetectorConfig, pose_cfg: BEVPoseConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The pipeline's re-ranking applied offline: (rows with the first cfg.rerank_k of each query
+    re-ordered by BEV geometry, (Q,) re-ranking score of the new top-1; -inf without candidates).
+
+    Nothing is rejected here: the score is what a rejection threshold (cfg.min_inliers) cuts, and
+    what the PR curve sweeps. `keypoints[r]` belongs to row r of `rows`' index space.
+    """
+    from dataclasses import replace
+
+    from bevplace_ros.loop_detector import rerank, rerank_score
+
+    out = rows.copy()
+    score = np.full(len(rows), -np.inf)
+    keep_all = replace(cfg, min_inliers=0)
+    for q, (cand, dist) in enumerate(zip(rows[:, : cfg.rerank_k], distances[:, : cfg.rerank_k])):
+        cand, dist = cand[cand >= 0], dist[cand >= 0]
+        if not len(cand):
+            continue
+        order, poses = rerank(query_keypoints[q], [keypoints[r] for r in cand], dist, keep_all, pose_cfg)
+        out[q, : len(cand)] = cand[order]
+        best = poses[order[0]]
+        score[q] = rerank_score(np.array(0 if best is None else best.inliers), dist[order[0]])
+    return out, score
+
+
+def reranked_loop_matches(rows: np.ndarray, distances: np.ndarray, keypoints: Sequence[BEVKeypoints], cfg: LoopDetectorConfig,
+                          pose_cfg: BEVPoseConfig) -> LoopMatches:
+    """Loop detection with re-ranking: each frame's best older match by geometry; its 'distance' is
+    minus the re-ranking score, so the PR sweep over it is a sweep over the inlier threshold."""
+    ranked, score = rerank_rows(rows, distances, keypoints, keypoints, cfg, pose_cfg)
+    return LoopMatches(np.where(np.isfinite(score), ranked[:, 0], -1), -score)
 
 
 def revisit_directions(positions: np.ndarray, headings: np.ndarray, exclude_recent: int, radius_m: float = 5.0) -> np.ndarray:

@@ -65,14 +65,15 @@ PARAMS = [
     *specs_from_config(PlaceMapConfig, "place.", {
         "rotations": ("Rotations of the equivariant network at inference (more: more rotation-invariant, slower).", 1, 64),
         "max_keyframes": ("Descriptor database bound; beyond it the oldest keyframes are forgotten.", 10, 100_000_000),
-        "bev_in_memory": ("BEV images kept in RAM for the 3-DoF guess; older ones spill or are dropped.", 1, 10_000_000),
+        "bev_in_memory": ("Keyframes whose BEV keypoints (float16, <= 130 kB each) are kept in RAM for re-ranking and the 3-DoF guess; "
+                          "older ones spill or are dropped.", 1, 10_000_000),
     }, runtime=False),
     ParamSpec("place.model", PlaceMapConfig.model, "Place network: the package's rotation-equivariant one or the BEVPlace authors' v1 (ICCV 2023).",
               choices=MODEL_KINDS, runtime=False),
     ParamSpec("place.weights", PlaceMapConfig.weights, "Weights of place.model (.pt; bevplace_v1 also the authors' .pth.tar); empty = its shipped weights.",
               runtime=False),
     ParamSpec("place.device", PlaceMapConfig.device, "Torch device for the network.", choices=DEVICE_CHOICES, runtime=False),
-    ParamSpec("place.spill_dir", PlaceMapConfig.spill_dir, "Folder for spilled BEV images; empty drops the oldest instead.", runtime=False),
+    ParamSpec("place.spill_dir", PlaceMapConfig.spill_dir, "Folder for spilled BEV keypoints; empty drops the oldest instead.", runtime=False),
     *specs_from_config(KeyframeSelectorConfig, "keyframe.", {
         "min_distance": ("New keyframe after this much travel [m]; 0 disables.", 0.0, 1000.0),
         "min_rotation_deg": ("New keyframe after this much rotation [deg]; 0 disables.", 0.0, 360.0),
@@ -84,6 +85,9 @@ PARAMS = [
         "exclude_seconds": ("Nor keyframes closer in time than this [s].", 0.0, 1e7),
         "max_descriptor_distance": ("Candidates need a descriptor distance below this (normalised, in [0, 2]).", 0.01, 2.0),
         "max_odom_distance": ("Skip candidates farther apart in odometry than this [m]; 0 disables (drift can be large).", 0.0, 1e6),
+        "rerank_k": ("Places retrieved and re-ranked by BEV geometric agreement (inliers of the 3-DoF pose); 0: descriptor order, no rejection.",
+                     0, 1000),
+        "min_inliers": ("Re-ranking drops places whose BEV pose has fewer inliers than this.", 0, 100_000),
     }),
     ParamSpec("keyframe_cloud_voxel", 0.4, "Voxel of the cloud carried by the Keyframe message [m].", 0.05, 5.0, runtime=False),
     ParamSpec("max_range", 300.0, "Points farther than this from the sensor are dropped as garbage [m] (no LiDAR sees beyond).",
