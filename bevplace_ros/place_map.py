@@ -17,7 +17,7 @@ from bevplace_ros.bev import BEVConfig
 from bevplace_ros.descriptor_db import DatabaseConfig, DatabaseError, DescriptorDatabase
 from bevplace_ros.keyframe_store import KeyframeStore, KeyframeStoreConfig, KeyframeStoreError
 from bevplace_ros.loop_detector import DetectedKeyframe, LoopDetector, LoopDetectorConfig
-from bevplace_ros.models.checkpoint import DEFAULT_PLACE_WEIGHTS, RANDOM_WEIGHTS
+from bevplace_ros.models.checkpoint import DEFAULT_WEIGHTS, EQUIVARIANT, RANDOM_WEIGHTS
 from bevplace_ros.place_recognizer import PlaceRecognizer, PlaceRecognizerConfig
 from bevplace_ros.versioned_npz import load_versioned_npz, save_versioned_npz
 
@@ -31,7 +31,8 @@ class PlaceMapError(ValueError):
 
 @dataclass(frozen=True)
 class PlaceMapConfig:
-    weights: str = ""  # empty: the shipped weights; "random": untrained and seeded (baselines, tests)
+    weights: str = ""  # empty: the shipped weights of `model`; "random": untrained and seeded (baselines, tests)
+    model: str = EQUIVARIANT  # "bevplace_equivariant" (the package's) or "bevplace_v1" (the BEVPlace authors' network)
     device: str = "auto"
     rotations: int = 8
     max_keyframes: int = 200_000  # descriptor database bound (oldest thinned beyond it)
@@ -41,8 +42,8 @@ class PlaceMapConfig:
 
 class PlaceMap:
     def __init__(self, cfg: PlaceMapConfig, bev: BEVConfig, detection: LoopDetectorConfig) -> None:
-        weights = cfg.weights or str(DEFAULT_PLACE_WEIGHTS)
-        recognizer = PlaceRecognizer(PlaceRecognizerConfig(bev=bev, rotations=cfg.rotations, device=cfg.device, weights=weights))
+        weights = cfg.weights or str(DEFAULT_WEIGHTS[cfg.model])
+        recognizer = PlaceRecognizer(PlaceRecognizerConfig(bev=bev, rotations=cfg.rotations, device=cfg.device, model=cfg.model, weights=weights))
         self.model_id = _model_id(weights)
         database = DescriptorDatabase(DatabaseConfig(dim=recognizer.descriptor_dim, max_size=cfg.max_keyframes))
         keypoints = KeyframeStore(KeyframeStoreConfig(max_in_memory=cfg.bev_in_memory, spill_dir=cfg.spill_dir))
