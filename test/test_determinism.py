@@ -8,6 +8,7 @@ multi-threaded reduction sums in a different order each run).
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from conftest import replay_options
 from bevplace_ros.nodes.bag_replay import replay
@@ -17,9 +18,7 @@ def _closures(run) -> list[tuple[int, int, bool]]:
     return [(query, match, verified) for query, match, _, verified, _ in run.closures]
 
 
-def test_two_lock_step_replays_of_one_bag_give_the_same_loop_closures(drive, drive_replay, tmp_path):
-    _, first = drive_replay
-    second = replay(replay_options(drive, tmp_path, record=None))
+def _assert_same_run(first, second) -> None:
     assert any(verified for *_, verified in _closures(first)), "no verified loop: the comparison would test nothing"
     assert second.keyframe_stamps == first.keyframe_stamps and second.candidates == first.candidates
     assert _closures(second) == _closures(first)
@@ -29,6 +28,20 @@ def test_two_lock_step_replays_of_one_bag_give_the_same_loop_closures(drive, dri
     assert second.optimized.keys() == first.optimized.keys()
     for key, pose in first.optimized.items():
         np.testing.assert_array_equal(second.optimized[key], pose, err_msg=f"optimised pose of keyframe {key}")
+
+
+def test_two_lock_step_replays_of_one_bag_give_the_same_loop_closures(drive, drive_replay, tmp_path):
+    _assert_same_run(drive_replay[1], replay(replay_options(drive, tmp_path, record=None)))
+
+
+@pytest.mark.long
+def test_two_replays_of_the_demo_bag_agree(tmp_path):
+    """What `bevplace-ros demo` runs, twice (several minutes each)."""
+    from bevplace_ros.commands.demo import DEMO_BAG
+
+    if not DEMO_BAG.exists():
+        pytest.skip(f"{DEMO_BAG} is made by scripts/setup.sh")
+    _assert_same_run(*(replay(replay_options(DEMO_BAG, tmp_path / str(i), record=None)) for i in range(2)))
 
 
 def test_default_registration_repeats_bit_for_bit(torch_one_thread):

@@ -30,6 +30,8 @@ def add_replay_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-map", type=Path, default=None, help="save every node's state into this folder at the end")
     parser.add_argument("-p", "--param", action="append", default=[], metavar="NAME:=VALUE", help="override a node parameter")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--domain-id", type=int, default=None,
+                        help="ROS domain of the replay (default: in-process, one private to this run; --external, ROS_DOMAIN_ID)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 def replay_and_report(bag: Path, args: argparse.Namespace) -> int:
     from bevplace_ros.atomic_io import atomic_write_bytes
     from bevplace_ros.evaluation.loop_report import format_report, plot_run
-    from bevplace_ros.nodes.bag_replay import ReplayOptions, replay
+    from bevplace_ros.nodes.bag_replay import ReplayOptions, replay, replay_domain
     from bevplace_ros.nodes.config_file import default_params_file
 
     run_dir = args.out / time.strftime("run-%Y%m%d-%H%M%S")
@@ -47,8 +49,11 @@ def replay_and_report(bag: Path, args: argparse.Namespace) -> int:
         bag=bag, params_file=args.params or default_params_file(), record=run_dir / "outputs", rate=args.rate,
         points_topic=args.points_topic, odom_topic=args.odom_topic, in_process=not args.external,
         max_scans=args.max_scans, skip_scans=args.skip_scans, load_map=args.load_map, save_map=args.save_map,
-        overrides=tuple(args.param), progress=not args.no_progress,
+        overrides=tuple(args.param), progress=not args.no_progress, domain_id=args.domain_id,
     )
+    domain = replay_domain(options)
+    print(f"ROS domain: {'ROS_DOMAIN_ID of the environment' if domain is None else domain}"
+          f"{' (private to this in-process replay; --domain-id to choose)' if options.in_process and args.domain_id is None else ''}")
     result = replay(options)
     summary, gt, outcomes = summarize_run(options, result)
     atomic_write_bytes(run_dir / "report.json", json.dumps(summary, indent=2).encode())

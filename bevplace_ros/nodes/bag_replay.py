@@ -10,6 +10,7 @@ Every output topic is recorded into a new rosbag2.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -47,6 +48,9 @@ class ReplayOptions:
     save_map: Path | None = None  # folder for the nodes' state at the end
     overrides: tuple[str, ...] = ()  # extra "name:=value" parameters for every node
     progress: bool = True
+    # None: in-process, a domain private to this replay (other ROS traffic on the machine, another replay say,
+    # would otherwise mix into the run); external, the environment's ROS_DOMAIN_ID, which the nodes share.
+    domain_id: int | None = None
 
 
 @dataclass
@@ -84,7 +88,7 @@ def replay(options: ReplayOptions) -> ReplayRun:
     for item in (f"base_to_sensor:={list(map(float, mount))}", *options.overrides):
         args += ["-p", item]
     context = Context()
-    rclpy.init(args=args, context=context)
+    rclpy.init(args=args, context=context, domain_id=replay_domain(options))
     executor = MultiThreadedExecutor(num_threads=4, context=context)
     nodes = _start_nodes(context) if options.in_process else []
     player = rclpy.create_node("bag_replay", context=context)
@@ -111,6 +115,13 @@ def replay(options: ReplayOptions) -> ReplayRun:
         player.destroy_node()
         context.try_shutdown()
     return run
+
+
+def replay_domain(options: ReplayOptions) -> int | None:
+    """The DDS domain of a replay: the chosen one, a private one in-process (from the pid), else the environment's."""
+    if options.domain_id is not None or not options.in_process:
+        return options.domain_id
+    return 1 + os.getpid() % 100  # not 0, where ROS tools talk by default; within 0-101, where Fast DDS ports are safe on Linux
 
 
 def _start_nodes(context) -> list[Any]:
