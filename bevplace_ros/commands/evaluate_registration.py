@@ -38,6 +38,7 @@ def _methods(weights: str | None) -> dict:
 
     from bevplace_ros.registration import Registrar, RegistrationConfig
     from bevplace_ros.registration import evaluation as ev
+    from bevplace_ros.registration.registrar import CLASSICAL_METHODS
     from bevplace_ros.registration.verification import VerificationConfig
 
     open_gate = VerificationConfig(min_fitness=0.0)  # the threshold is calibrated here, not assumed
@@ -45,7 +46,7 @@ def _methods(weights: str | None) -> dict:
                                  **({"weights": weights} if weights else {}))
     net = Registrar(net_cfg)
     classical = {name: Registrar(RegistrationConfig(classical=name, verification=open_gate))
-                 for name in ("fpfh_ransac", "kiss_matcher")}
+                 for name in CLASSICAL_METHODS}
     return {
         "roitr_lite": ev.registrar_method(net),
         **{name: ev.registrar_method(registrar) for name, registrar in classical.items()},
@@ -66,14 +67,16 @@ def _run_pairs(pairs, methods, net) -> dict[str, list[dict]]:
 
 def _with_fallback(records: dict[str, list[dict]], gate: float) -> list[dict]:
     """What Registrar(use_network=True, classical_fallback=True, min_fitness=gate) returns, rebuilt from the two
-    runs' records: the network result if it passes the gate, else FPFH + RANSAC when that passes or fits better."""
+    runs' records: the network result if it passes the gate, else the classical one when that passes or fits better."""
+    from bevplace_ros.registration import RegistrationConfig
+
     out = []
-    for net, fpfh in zip(records["roitr_lite"], records["fpfh_ransac"]):
+    for net, classical in zip(records["roitr_lite"], records[RegistrationConfig.classical]):
         if net["score"] >= gate:
             out.append(net)
         else:
-            pick = fpfh if fpfh["score"] >= gate or fpfh["score"] > net["score"] else net
-            out.append({**pick, "ms": net["ms"] + fpfh["ms"]})
+            pick = classical if classical["score"] >= gate or classical["score"] > net["score"] else net
+            out.append({**pick, "ms": net["ms"] + classical["ms"]})
     return out
 
 

@@ -15,7 +15,7 @@ class VerificationConfig:
     validation pairs (see docs/registration.md); the others are sanity floors.
     """
 
-    min_fitness: float = 0.505  # share of source points with a target point within fine_distance; calibrated for FPFH + RANSAC (docs)
+    min_fitness: float = 0.478  # share of source points with a target point within fine_distance; calibrated for KISS-Matcher (docs)
     min_inlier_ratio: float = 0.05
     min_inliers: int = 10
 
