@@ -17,6 +17,7 @@ COMMANDS: tuple[tuple[str | None, str, str], ...] = (
     (None, "replay", "replay"),
     (None, "simulate", "simulate"),
     (None, "embed", "embed"),
+    (None, "retrieve", "retrieve"),
     (None, "convert-weights", "convert_weights"),
     (None, "stress", "stress"),
     ("train", "place", "train_place"),
