@@ -133,3 +133,22 @@ def test_preset_matches_the_published_counts(shared_data):
         image, published = make_bev(scan.points, BEVConfig.preset("bevplace_kitti")), folder.image(scan.index)
         for name, count in (("occupied", lambda a: np.count_nonzero(a)), ("saturated", lambda a: np.count_nonzero(a == 1.0))):
             assert abs(count(image) / count(published) - 1) < 0.4, (scan.index, name, count(image), count(published))
+
+
+def test_evaluate_bev_command_reports_each_scan_per_preset(shared_data, tmp_path):
+    import json
+
+    from bevplace_ros.cli import main
+
+    published = f"{shared_data / 'kitti_bev' / '00'}@0:300"
+    assert main(["evaluate", "bev", published, str(shared_data / "kitti_scans"), str(shared_data / "kitti_scans_more"),
+                 "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]) == 0
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    fitted, default = (report["presets"][name]["scans"] for name in ("bevplace_kitti", "default"))
+    assert [r["frame"] for r in fitted] == [0, 5, 15, 94, 95, 198, 199] and report["frames"] == 300
+    for ours, old in zip(fitted, default):
+        assert ours["ncc_rank"] == 1 and ours["ncc"] > old["ncc"] + 0.15, (ours, old)
+        assert ours["published_occupied"] == old["published_occupied"] > 1000
+    with pytest.raises(SystemExit, match="no published image"):
+        main(["evaluate", "bev", f"{shared_data / 'kitti_bev' / '00'}@0:10", str(shared_data / "kitti_scans"), "--out", str(tmp_path / "x"),
+              "--cache-dir", str(tmp_path / "cache")])

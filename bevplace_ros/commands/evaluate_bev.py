@@ -18,7 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from bevplace_ros.models.checkpoint import MODEL_KINDS, V1
     from bevplace_ros.training.place_dataset import DEFAULT_CACHE_DIR
 
-    parser.add_argument("published", type=Path, help="BEVPlace image folder of the sequence (imgs/NNNNNN.png + pose.txt), e.g. kitti_bev/00")
+    parser.add_argument("published", metavar="PUBLISHED[@START:END[:STEP]]",
+                        help="BEVPlace image folder of the sequence (imgs/NNNNNN.png + pose.txt), e.g. kitti_bev/00; a range limits the "
+                             "frames searched (it must hold the scans' frames)")
     parser.add_argument("scans", nargs="+", type=Path, help="KITTI-style folders of raw scans of that sequence (NNNNNN.bin: the frame number)")
     parser.add_argument("--presets", nargs="+", choices=sorted(BEV_PRESETS), default=["bevplace_kitti", "default"],
                         help="BEV recipes to compare; the first one also makes the retrieval queries")
@@ -82,7 +84,7 @@ def _compare(scans, seq, presets: list[str]) -> dict:
         rows = []
         for frame in scans:
             image = np.round(make_bev(frame.points, cfg) * 255.0) / 255.0  # on the scale of the PNGs, as sequences store images
-            own = int(np.searchsorted(seq.frame_ids, frame.index))
+            own = int(np.flatnonzero(seq.frame_ids == frame.index)[0])
             value, rank = _ncc_ranks(image, published, own)
             rows.append({"frame": frame.index, "ncc": round(value, 4), "ncc_rank": rank,
                          "occupied": int(np.count_nonzero(image)), "saturated": int(np.count_nonzero(image == 1.0)),
@@ -114,7 +116,7 @@ def _retrieval(scans, seq, spec, preset: str, args) -> list[dict]:
     rows = []
     for frame, query in zip(scans, described):
         dist = np.linalg.norm(database - query[None], axis=1)
-        own = int(np.searchsorted(seq.frame_ids, frame.index))
+        own = int(np.flatnonzero(seq.frame_ids == frame.index)[0])
         top = int(np.argmin(dist))
         metres = float(np.linalg.norm(seq.positions[top] - seq.positions[own]))
         rows.append({"frame": frame.index, "top1_frame": int(seq.frame_ids[top]), "own_rank": int((dist < dist[own]).sum()) + 1,
@@ -151,16 +153,16 @@ def run(args: argparse.Namespace) -> int:
     if args.batch < 1 or not args.radius > 0:
         raise SystemExit("evaluate bev: need --batch >= 1 and --radius > 0")
     try:
-        spec = SequenceSpec(args.published)
+        spec = SequenceSpec.parse(args.published)
         seq = load_sequence(spec, cache_dir=args.cache_dir)
         scans = [frame for folder in args.scans for frame in read_kitti(folder)]
     except (PlaceDataError, DatasetError) as err:
         raise SystemExit(f"evaluate bev: {err}") from None
     unknown = [f.index for f in scans if f.index not in set(seq.frame_ids.tolist())]
     if unknown:
-        raise SystemExit(f"evaluate bev: scans {unknown} have no published image in {args.published} ({len(seq)} frames)")
+        raise SystemExit(f"evaluate bev: scans {unknown} have no published image in {args.published} ({len(seq)} frames searched)")
     compare = _compare(scans, seq, args.presets)
-    report = {"published": str(args.published), "frames": len(seq), "presets": compare}
+    report = {"published": args.published, "frames": len(seq), "presets": compare}
     if args.retrieval:
         try:
             report["retrieval"] = {"model": args.model, "weights": args.weights, "preset": args.presets[0],
