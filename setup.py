@@ -13,7 +13,7 @@ setup(
     license="BSD-3-Clause",
     python_requires=">=3.10",
     packages=find_packages(include=["bevplace_ros", "bevplace_ros.*"]),
-    package_data={"bevplace_ros": ["weights/*.pt"]},
+    package_data={"bevplace_ros": ["weights/*.pt", "weights/LICENSE*"]},
     install_requires=["numpy", "scipy", "torch", "pyyaml", "rosbags", "transforms3d"],
     extras_require={"full": ["faiss-cpu", "gtsam", "small_gicp", "opencv-python-headless", "matplotlib", "tqdm"]},
     entry_points={

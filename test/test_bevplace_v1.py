@@ -104,6 +104,17 @@ def test_authors_checkpoint_loads_directly_and_converts_to_the_shipped_file(shar
         assert all(torch.equal(a, b) for a, b in zip(direct.state_dict().values(), model.state_dict().values()))
 
 
+def test_place_map_runs_the_chosen_model_and_refuses_weights_of_the_other(tmp_path):
+    from bevplace_ros.loop_detector import LoopDetectorConfig
+    from bevplace_ros.place_map import PlaceMap, PlaceMapConfig
+
+    place_map = PlaceMap(PlaceMapConfig(model=V1, device="cpu"), BEVConfig(), LoopDetectorConfig())
+    assert place_map.detector.recognizer.model.kind == V1 and place_map.detector.recognizer.descriptor_dim == 8192
+    ours = save_checkpoint(tmp_path / "equivariant.pt", build_seeded_model(BEVPlaceNetConfig(rotations=2)))
+    with pytest.raises(CheckpointError, match="equivariant.pt: holds a 'bevplace_equivariant' network"):
+        PlaceMap(PlaceMapConfig(model=V1, weights=str(ours), device="cpu"), BEVConfig(), LoopDetectorConfig())
+
+
 @pytest.mark.slow
 def test_descriptors_match_the_authors_code(recognizer, shared_data):
     """20 published images (plain and rotated, KITTI 00 and 06): cosine >= 0.9999 to the descriptors
