@@ -101,3 +101,21 @@ def test_place_map_saves_keypoints_and_refuses_version_1_maps(scans, tmp_path):
 def test_config_refuses_negative_reranking():
     with pytest.raises(ValueError, match="rerank_k"):
         LoopDetectorConfig(rerank_k=-1)
+
+
+def test_offline_reranking_moves_the_geometric_match_to_the_top(rng):
+    """Evaluation's re-ranking: the descriptor's first choice is a different place; geometry wins."""
+    from bevplace_ros.evaluation.place_metrics import descriptor_loop_top_k, reranked_loop_matches, rerank_rows
+
+    places = [_keypoints(rng) for _ in range(3)]
+    revisit = _moved(places[1], xyyaw_to_matrix(2.0, 1.0, np.radians(-120.0)), 45)
+    keypoints = [*places, revisit]
+    descriptors = np.eye(4, dtype=np.float32)
+    descriptors[3] = np.array([0.9, 0.3, 0.0, 0.3]) / np.linalg.norm([0.9, 0.3, 0.0, 0.3])  # nearest: place 0, then 1
+    cfg, pose_cfg = LoopDetectorConfig(rerank_k=3), BEVPoseConfig()
+    rows, dist = descriptor_loop_top_k(descriptors, exclude_recent=0, k=3)
+    assert rows[3, 0] == 0 and rows[0, 0] == -1  # the first frame has no older one
+    ranked, score = rerank_rows(rows[3:], dist[3:], [revisit], keypoints, cfg, pose_cfg)
+    assert ranked[0, 0] == 1 and 44 <= score[0] <= 45
+    matches = reranked_loop_matches(rows, dist, keypoints, cfg, pose_cfg)
+    assert matches.match[3] == 1 and matches.match[0] == -1 and np.isinf(matches.distance[0])

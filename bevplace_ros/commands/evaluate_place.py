@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     parser.add_argument("--seed", type=int, default=0, help="seed of the untrained 'random' weights")
+    parser.add_argument("--rerank", type=int, default=0, metavar="K",
+                        help="also score each network method with the pipeline's re-ranking of its top K places by BEV geometric "
+                             "agreement (reported as METHOD+rerank; Recall@1 without rejection, F1max sweeps the inlier threshold); 0: off")
 
 
 def _split(seq_name: str, frames: int, override: str | None) -> tuple[int, int]:
@@ -75,7 +78,16 @@ def _network_descriptors(seq, spec, args, weights: str):
         return (bank.features[:, 0].numpy(),)
 
     local = cached_arrays(args.cache_dir, key, ("local_float16",), compute)[0]
-    return FeatureBank(torch.from_numpy(local)[:, None]).descriptors(model, device).astype(np.float32)
+    return FeatureBank(torch.from_numpy(local)[:, None]).descriptors(model, device).astype(np.float32), local, model
+
+
+def _keypoints(seq, local, model) -> list:
+    """Each frame's BEV keypoints as the place node makes them (default BEV and pose settings)."""
+    from bevplace_ros.bev import BEVConfig
+    from bevplace_ros.bev_pose import BEVPoseConfig, extract_keypoints
+
+    bev_cfg, pose_cfg = BEVConfig(), BEVPoseConfig()
+    return [extract_keypoints(image / 255.0, feats.astype("float32"), bev_cfg, pose_cfg, model.feature_coords) for image, feats in zip(seq.images, local)]
 
 
 def _scan_contexts(seq, spec, args):
@@ -105,24 +117,37 @@ def _scan_contexts(seq, spec, args):
     return cached_arrays(args.cache_dir, f"{sequence_cache_key(spec)}-sc", ("scan_context",), compute)[0], cfg, from_bev
 
 
-def _evaluate_method(name, seq, split, args, out_dir, descriptors=None, scan_contexts=None, sc_cfg=None):
+def _evaluate_method(name, seq, split, args, out_dir, descriptors=None, scan_contexts=None, sc_cfg=None, keypoints=None):
+    from dataclasses import replace
+
     from bevplace_ros.baselines.scan_context import sc_loop_matches, sc_top_k
+    from bevplace_ros.bev_pose import BEVPoseConfig
     from bevplace_ros.evaluation.place_metrics import (
         DIRECTIONS,
         descriptor_loop_matches,
+        descriptor_loop_top_k,
+        descriptor_search,
         descriptor_top_k,
         loop_correct,
         loop_recall_at_1,
         pr_curve,
+        reranked_loop_matches,
+        rerank_rows,
         revisit_directions,
         split_recall,
         top_percent_k,
     )
+    from bevplace_ros.loop_detector import LoopDetectorConfig
     from bevplace_ros.evaluation.place_plots import plot_detections
 
     db_end, q_start = split
     k = top_percent_k(db_end)
-    if descriptors is not None:
+    if keypoints is not None:
+        cfg, pose_cfg = replace(LoopDetectorConfig(), rerank_k=args.rerank), BEVPoseConfig()
+        rows, dist = descriptor_search(descriptors[:db_end], descriptors[q_start:], max(k, args.rerank))
+        top = rerank_rows(rows, dist, keypoints[q_start:], keypoints[:db_end], cfg, pose_cfg)[0]
+        matches = reranked_loop_matches(*descriptor_loop_top_k(descriptors, args.exclude_recent, args.rerank), keypoints, cfg, pose_cfg)
+    elif descriptors is not None:
         top = descriptor_top_k(descriptors[:db_end], descriptors[q_start:], k)
         matches = descriptor_loop_matches(descriptors, args.exclude_recent)
     else:
@@ -143,6 +168,15 @@ def _evaluate_method(name, seq, split, args, out_dir, descriptors=None, scan_con
         "trajectory_png": str(plot),
     }
     return result, curves
+
+
+def _report(seq_name: str, method: str, r: dict, t0: float) -> None:
+    import time
+
+    r["seconds"] = round(time.perf_counter() - t0, 1)
+    print(f"{seq_name} {method:16s} R@1 {r['recall_at_1']:6.2f}  R@1% {r['recall_at_1pct']:6.2f}  (n={r['split_queries']})  "
+          f"F1max same {_fmt(r['f1max_same'])} (n={r['revisits_same']})  reverse {_fmt(r['f1max_reverse'])} (n={r['revisits_reverse']})  "
+          f"[{r['seconds']} s]", flush=True)
 
 
 def _fmt(value: float | None) -> str:
@@ -168,8 +202,8 @@ def run(args: argparse.Namespace) -> int:
         load_sequence,
     )
 
-    if not 1 <= args.rotations <= 64 or args.batch < 1 or args.exclude_recent < 0 or not args.radius > 0:
-        raise SystemExit("evaluate place: need --rotations in [1, 64], --batch >= 1, --exclude-recent >= 0, --radius > 0")
+    if not 1 <= args.rotations <= 64 or args.batch < 1 or args.exclude_recent < 0 or not args.radius > 0 or args.rerank < 0:
+        raise SystemExit("evaluate place: need --rotations in [1, 64], --batch >= 1, --exclude-recent >= 0, --radius > 0, --rerank >= 0")
     report = {"model": args.model, "weights": args.weights, "rotations": args.rotations, "radius_m": args.radius, "exclude_recent": args.exclude_recent, "sequences": {}}
     for text in args.datasets:
         try:
@@ -187,15 +221,17 @@ def run(args: argparse.Namespace) -> int:
                 results[method]["built_from"] = "BEV image" if from_bev else "raw scan"
             else:
                 try:
-                    desc = _network_descriptors(seq, spec, args, "random" if method == "random" else args.weights)
+                    desc, local, model = _network_descriptors(seq, spec, args, "random" if method == "random" else args.weights)
                 except CheckpointError as err:
                     raise SystemExit(f"evaluate place: {err}") from None
                 results[method], curves[method] = _evaluate_method(method, seq, split, args, args.out, descriptors=desc)
-            results[method]["seconds"] = round(time.perf_counter() - t0, 1)
-            r = results[method]
-            print(f"{seq.name} {method:12s} R@1 {r['recall_at_1']:6.2f}  R@1% {r['recall_at_1pct']:6.2f}  (n={r['split_queries']})  "
-                  f"F1max same {_fmt(r['f1max_same'])} (n={r['revisits_same']})  reverse {_fmt(r['f1max_reverse'])} (n={r['revisits_reverse']})  "
-                  f"[{r['seconds']} s]", flush=True)
+                if args.rerank:
+                    _report(seq.name, method, results[method], t0)
+                    t0, method = time.perf_counter(), f"{method}+rerank"
+                    results[method], curves[method] = _evaluate_method(method, seq, split, args, args.out, descriptors=desc,
+                                                                       keypoints=_keypoints(seq, local, model))
+                    results[method]["rerank_k"] = args.rerank
+            _report(seq.name, method, results[method], t0)
         pr_png = plot_pr_curves(curves, seq.name, args.out / f"pr_{_slug(seq.name)}.png")
         report["sequences"][seq.name] = {"frames": len(seq), "split": {"db_end": split[0], "query_start": split[1]}, "methods": results, "pr_png": str(pr_png)}
     path = atomic_write_bytes(args.out / "results.json", json.dumps(report, indent=2).encode())
