@@ -138,6 +138,46 @@ def _v1_stages(image, device, repeats: int) -> dict:
     return row
 
 
+def _keyframe_stages(points, device: str, repeats: int) -> dict:
+    """A whole keyframe through the loop detector with the default model and retrieval settings
+    (BEV, one network pass, retrieval, re-ranking with a BEV pose per candidate against its stored
+    keypoints), into a map with no candidate and into one whose 3 earlier keyframes all are.
+    Each timed keyframe goes into a fresh map, so every repeat sees the same candidates."""
+    import time
+
+    import numpy as np
+
+    from bevplace_ros.bev_pose import estimate_pose
+    from bevplace_ros.descriptor_db import DatabaseConfig, DescriptorDatabase
+    from bevplace_ros.keyframe_store import KeyframeStore, KeyframeStoreConfig
+    from bevplace_ros.loop_detector import LoopDetector, LoopDetectorConfig
+    from bevplace_ros.place_recognizer import PlaceRecognizer, PlaceRecognizerConfig
+    from bevplace_ros.se3 import invert, transform_points, xyyaw_to_matrix
+
+    recognizer = PlaceRecognizer(PlaceRecognizerConfig(device=device))
+    earlier = [transform_points(invert(xyyaw_to_matrix(x, y, yaw)), points) for x, y, yaw in ((1.0, 0.5, 0.2), (-2.0, 1.0, 1.5), (3.0, -1.0, -2.5))]
+    out = {"model": recognizer.cfg.model}
+    for candidates in (0, 3):
+        times, found = [], []
+        for _ in range(repeats + 1):  # the first one warms up
+            cfg = LoopDetectorConfig(exclude_recent=0, exclude_seconds=0.0, max_descriptor_distance=2.0)
+            detector = LoopDetector(cfg, recognizer, DescriptorDatabase(DatabaseConfig(dim=recognizer.descriptor_dim)), KeyframeStore(KeyframeStoreConfig()))
+            for i, scan in enumerate(earlier[:candidates]):
+                detector.add_keyframe(float(i), scan, np.eye(4))
+            start = time.perf_counter()
+            found.append(len(detector.add_keyframe(100.0, points, np.eye(4)).candidates))
+            times.append(time.perf_counter() - start)
+        ms = np.array(times[1:]) * 1e3
+        out[f"keyframe_{candidates}_candidates"] = {"median_ms": float(np.median(ms)), "min_ms": float(ms.min()), "max_ms": float(ms.max()),
+                                                   "candidates": int(found[-1])}
+    stored = [detector.stored_keypoints(k) for k in range(3)]
+    query = recognizer.describe(points).keypoints
+    it = iter(range(10**9))
+    out["pose_vs_stored_keypoints"] = _median_ms(lambda: estimate_pose(stored[next(it) % 3], query, recognizer.cfg.pose), repeats)
+    out["bytes_per_keyframe"] = detector.keypoints.memory_bytes() / len(detector.keypoints)
+    return out
+
+
 def _synthetic_descriptors(n: int, dim: int, rng) -> np.ndarray:
     """Places visited along a trajectory: each keyframe near one of n/10 place centres, so
     near neighbours exist as in a real map (uniform random vectors would make HNSW look bad)."""
@@ -193,6 +233,12 @@ def _print_table(report: dict) -> None:
         print(f"{'bevplace_v1 ' + kind:44s} {v1[kind]['median_ms']:10.2f} {v1[kind]['min_ms']:8.2f}")
     print(f"{'bevplace_v1 GFLOP / achieved GFLOP/s':44s} {v1['gflop']:10.2f} {v1['gflops_achieved']:8.1f}")
     print(f"{'keypoints + BEV pose (pair)':44s} {report['pose']['median_ms']:10.2f} {report['pose']['min_ms']:8.2f}")
+    kf = report["keyframe"]
+    for n in (0, 3):
+        row = kf[f"keyframe_{n}_candidates"]
+        print(f"{f'keyframe with {n} candidates':44s} {row['median_ms']:10.2f} {row['min_ms']:8.2f}  {kf['model']}, BEV to re-ranked candidates")
+    print(f"{'BEV pose vs stored keypoints (per candidate)':44s} {kf['pose_vs_stored_keypoints']['median_ms']:10.2f} "
+          f"{kf['pose_vs_stored_keypoints']['min_ms']:8.2f}  {kf['bytes_per_keyframe'] / 1e3:.1f} kB stored per keyframe")
     for row in report["database"]:
         label = f"query dim={row['dim']} n={row['size']}"
         if "skipped" in row:
@@ -243,6 +289,7 @@ def run(args: argparse.Namespace) -> int:
     report["pose"] = _median_ms(
         lambda: estimate_pose(extract_keypoints(image, local_a, bev_cfg, pose_cfg), extract_keypoints(other, local_b, bev_cfg, pose_cfg), pose_cfg), args.repeats
     )
+    report["keyframe"] = _keyframe_stages(points, args.device, args.repeats)
     report["database"] = _database_stages(args.db_sizes, args.db_dims, args.db_max_gib, args.repeats)
     report["peak_rss_mib"] = _peak_rss_mib()
     _print_table(report)
