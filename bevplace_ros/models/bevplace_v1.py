@@ -35,6 +35,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # OpenCV's warpAffine quantises source coordinates to 1/32 pixel; reproduced to match it exactly.
 _WARP_SUBPIXELS = 32
+_GROUP_CNN_CHUNK = 211  # keypoints per group-CNN call: a quarter of one image's grid
 
 
 @dataclass(frozen=True)
@@ -276,23 +277,31 @@ class BEVPlaceV1(nn.Module):
             start += count * w * h
         return out
 
-    def local_features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 1, S, S) in [0, 1] -> (B, 128, g, g) unit features on the 5-pixel keypoint grid."""
-        b, size = images.shape[0], self.cfg.image_size
+    def _group_features(self, image: torch.Tensor) -> torch.Tensor:
+        """(1, 1, S, S) -> (N, 32, 5, 5) light-CNN features of each keypoint over the group (scale, rotation)."""
         cnn = self.encoder.extractor.extractor
         sampled, t0 = [], 0
-        for (count, _), warped in zip(self._groups, self._warped_group(images)):
-            feats = cnn(warped)
-            grid = self.keypoint_sample_grid[t0 : t0 + count].repeat(b, 1, 1, 1)
-            sampled.append(F.grid_sample(feats, grid, mode="bilinear", align_corners=False)[:, :, 0].reshape(b, count, CNN_DIM, -1))
+        for (count, _), warped in zip(self._groups, self._warped_group(image)):
+            grid = self.keypoint_sample_grid[t0 : t0 + count]
+            sampled.append(F.grid_sample(cnn(warped), grid, mode="bilinear", align_corners=False)[:, :, 0])
             t0 += count
-        group = torch.cat(sampled, dim=1)[:, self.group_order]  # (B, 25, 32, N) scale-major
-        n = group.shape[-1]
-        # (B*N, 32, 5, 5) laid out NHWC in memory: one copy, and the layout oneDNN runs fastest
-        group = group.permute(0, 3, 1, 2).reshape(b * n, SCALES, ROTATIONS, CNN_DIM).permute(0, 3, 1, 2)
-        if not self.channels_last:
-            group = group.contiguous()
-        local = self.encoder.embedder.embedder(group)  # (B*N, 128)
+        group = torch.cat(sampled)[self.group_order]  # (25, 32, N) scale-major
+        # laid out NHWC in memory: one copy, and the layout oneDNN runs the group CNN fastest in
+        group = group.permute(2, 0, 1).reshape(-1, SCALES, ROTATIONS, CNN_DIM).permute(0, 3, 1, 2)
+        return group if self.channels_last else group.contiguous()
+
+    def local_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, S) in [0, 1] -> (B, 128, g, g) unit features on the 5-pixel keypoint grid.
+
+        One image at a time through the light CNN and ~200 keypoints at a time through the group CNN:
+        activations that stay in the core's cache. Measured CPU time per image (one thread): whole
+        batches of 16 images cost 1.6x more than single images, and the group CNN on chunks of 211
+        keypoints ~25 % less than on all 841 at once.
+        """
+        b, size = images.shape[0], self.cfg.image_size
+        group = torch.cat([self._group_features(images[i : i + 1]) for i in range(b)])  # (B*N, 32, 5, 5)
+        embedder = self.encoder.embedder.embedder
+        local = torch.cat([embedder(group[s : s + _GROUP_CNN_CHUNK]) for s in range(0, len(group), _GROUP_CNN_CHUNK)])
         side = grid_side(size)
         return local.reshape(b, side, side, FEATURE_DIM).permute(0, 3, 1, 2)
 
