@@ -11,8 +11,19 @@ import subprocess
 
 import pytest
 
+import numpy as np
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from nav_msgs.msg import Odometry
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.parameter import Parameter
+from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from sensor_msgs.msg import PointCloud2
+from std_msgs.msg import Header
+
 from conftest import REPO_ROOT
-from bevplace_ros.nodes.cloud_delivery import run_delivery
+from ros_helpers import spin_until
+from bevplace_ros.nodes.cloud_delivery import profile_env, run_delivery
+from bevplace_ros.nodes.conversions import matrix_to_pose, ns_to_stamp, xyzi_cloud
 from bevplace_ros.nodes.runtime import DDS_SETTINGS, large_cloud_profile
 
 
@@ -30,3 +41,50 @@ def test_64_beam_clouds_at_10_hz_reach_a_node_in_another_process():
     result, log = run_delivery(env, scans=100, rate_hz=10.0, beams=64)
     assert result.cloud_bytes >= 2_000_000
     assert result.processed >= 99 and result.lost == 0, (result, log[-3000:])
+
+
+@pytest.mark.slow
+def test_with_fast_dds_defaults_clouds_are_lost_and_the_node_says_so():
+    """The control: what the profile fixes, and what the node tells the user when it is missing."""
+    result, log = run_delivery(profile_env(with_profile=False), scans=30, rate_hz=10.0, beams=64)
+    assert result.processed < result.sent and result.lost > 0, result
+    assert "the middleware lost" in log and "fastdds_large_clouds.xml" in log
+
+
+def test_odometry_without_scans_warns_until_a_scan_arrives(ros_context):
+    from bevplace_ros.nodes.place_recognition_node import PlaceRecognitionNode
+
+    node = PlaceRecognitionNode(context=ros_context, parameter_overrides=[Parameter("place.weights", value="random"),
+                                                                          Parameter("scan_timeout", value=1.0)])
+    talker = __import__("rclpy").create_node("talker", context=ros_context)
+    executor = MultiThreadedExecutor(context=ros_context)
+    executor.add_node(node)
+    executor.add_node(talker)
+    statuses: list[DiagnosticStatus] = []
+    talker.create_subscription(DiagnosticArray, "/diagnostics", lambda m: statuses.extend(s for s in m.status if s.name == node.get_fully_qualified_name()), 10)
+    odometry = talker.create_publisher(Odometry, "odom", QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE))
+    clouds = talker.create_publisher(PointCloud2, "points", qos_profile_sensor_data)
+    sent = [0]
+    scan = np.random.default_rng(0).uniform(-30, 30, (5000, 4)).astype(np.float32)
+
+    def publishing(done, with_scans: bool = False) -> bool:
+        """Odometry (and scans) keep arriving while the test waits for `done`."""
+        sent[0] += 1
+        stamp = ns_to_stamp(sent[0] * 10**8)
+        odom = Odometry()
+        odom.header.stamp, odom.pose.pose = stamp, matrix_to_pose(np.eye(4))
+        odometry.publish(odom)
+        if with_scans:
+            clouds.publish(xyzi_cloud(Header(stamp=stamp, frame_id="lidar"), scan))
+        return done()
+
+    try:
+        assert spin_until(executor, lambda: odometry.get_subscription_count() and clouds.get_subscription_count())
+        no_scans = lambda: statuses and statuses[-1].level == DiagnosticStatus.WARN and "no scan on /points" in statuses[-1].message
+        assert spin_until(executor, lambda: publishing(no_scans), 60.0), [s.message for s in statuses]
+        assert "publisher(s) matched, yet nothing arrives" in statuses[-1].message and "fastdds_large_clouds.xml" in statuses[-1].message
+        assert spin_until(executor, lambda: publishing(lambda: not no_scans(), with_scans=True), 60.0), [s.message for s in statuses[-3:]]
+    finally:
+        executor.shutdown()
+        talker.destroy_node()
+        node.destroy_node()

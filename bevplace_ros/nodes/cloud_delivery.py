@@ -1,13 +1,14 @@
 """Do LiDAR-size clouds reach the place node in another process? The share it processes, measured.
 
-    python -m bevplace_ros.nodes.cloud_delivery [--scans 100] [--rate 10] [--beams 64]
+    python -m bevplace_ros.nodes.cloud_delivery [--scans 100] [--rate 10] [--beams 64] [--points-qos sensor_data]
 
 runs place_recognition_node and a publisher as two processes, once with the package's Fast DDS
 profile and once with Fast DDS's defaults, and prints the share of clouds the node processed.
 The publisher sends a simulated sweep in the Velodyne point layout (64 x 2048 rays: ~2.7 MB) with
-sensor-data QoS, as a driver does, and reads the node's counters from /diagnostics: first a small
-warm-up scan becomes the only keyframe (odometry stands still), so every later cloud is cheap to
-process and what is missing was lost in transport, not dropped because the node was busy.
+sensor-data QoS as a driver does (or reliable QoS, the node's points_qos alternative), and reads
+the node's counters from /diagnostics. A small warm-up scan first becomes the only keyframe
+(odometry stands still), so every later cloud is cheap to process: what is missing was lost in
+transport (`lost`, or never received) or dropped because the node could not keep up (`dropped_behind`).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def lidar_sweep(beams: int) -> np.ndarray:
     return scan(world, pose, lidar, np.random.default_rng(0))
 
 
-def publish(scans: int, rate_hz: float, beams: int, timeout_s: float) -> Delivery:
+def publish(scans: int, rate_hz: float, beams: int, points_qos: str, timeout_s: float) -> Delivery:
     """The publisher process: odometry, a warm-up keyframe, then `scans` clouds at `rate_hz`."""
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray
@@ -97,7 +98,8 @@ def publish(scans: int, rate_hz: float, beams: int, timeout_s: float) -> Deliver
         return int(status.get(key, 0))
 
     node.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 100)
-    clouds = node.create_publisher(PointCloud2, "points", qos_profile_sensor_data)
+    driver_qos = qos_profile_sensor_data if points_qos == "sensor_data" else QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
+    clouds = node.create_publisher(PointCloud2, "points", driver_qos)
     odometry = node.create_publisher(Odometry, "odom", QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE))
 
     def cloud(i: int, points: np.ndarray) -> PointCloud2:
@@ -146,13 +148,15 @@ def publish(scans: int, rate_hz: float, beams: int, timeout_s: float) -> Deliver
         rclpy.try_shutdown()
 
 
-def run_delivery(env: dict[str, str], scans: int = 100, rate_hz: float = 10.0, beams: int = 64, timeout_s: float = 120.0) -> tuple[Delivery, str]:
+def run_delivery(env: dict[str, str], scans: int = 100, rate_hz: float = 10.0, beams: int = 64, points_qos: str = "sensor_data",
+                 timeout_s: float = 120.0) -> tuple[Delivery, str]:
     """Place node and publisher as two processes with `env`; (what the node processed, the node's log)."""
-    node_cmd = [sys.executable, "-m", "bevplace_ros.nodes.place_recognition_node", "--ros-args", "-p", "place.weights:=random"]
+    node_cmd = [sys.executable, "-m", "bevplace_ros.nodes.place_recognition_node", "--ros-args", "-p", "place.weights:=random",
+                "-p", f"points_qos:={points_qos}"]
     node = subprocess.Popen(node_cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         publisher = subprocess.run([sys.executable, "-m", "bevplace_ros.nodes.cloud_delivery", "publish", "--scans", str(scans),
-                                    "--rate", str(rate_hz), "--beams", str(beams), "--timeout", str(timeout_s)],
+                                    "--rate", str(rate_hz), "--beams", str(beams), "--points-qos", points_qos, "--timeout", str(timeout_s)],
                                    env=env, capture_output=True, text=True, timeout=10 * timeout_s)
     finally:
         node.send_signal(signal.SIGINT)
@@ -183,15 +187,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scans", type=int, default=100)
     parser.add_argument("--rate", type=float, default=10.0, help="clouds per second")
     parser.add_argument("--beams", type=int, default=64, help="64: ~2.7 MB clouds; 128: ~5 MB")
+    parser.add_argument("--points-qos", choices=("sensor_data", "reliable"), default="sensor_data", help="of the publisher and the node")
     parser.add_argument("--timeout", type=float, default=120.0, help="deadline of each wait [s]")
     args = parser.parse_args(argv)
     if args.role == "publish":
-        print(json.dumps(asdict(publish(args.scans, args.rate, args.beams, args.timeout))))
+        print(json.dumps(asdict(publish(args.scans, args.rate, args.beams, args.points_qos, args.timeout))))
         return 0
     for with_profile in (True, False):
-        result, _ = run_delivery(profile_env(with_profile), args.scans, args.rate, args.beams, args.timeout)
+        result, _ = run_delivery(profile_env(with_profile), args.scans, args.rate, args.beams, args.points_qos, args.timeout)
         name = "config/fastdds_large_clouds.xml" if with_profile else "Fast DDS defaults"
-        print(f"{name:34s} {result.cloud_bytes / 1e6:.2f} MB clouds: processed {result.processed}/{result.sent} "
+        print(f"{name:34s} {args.points_qos:11s} {result.cloud_bytes / 1e6:.2f} MB clouds: processed {result.processed}/{result.sent} "
               f"({100 * result.processed_share:.0f} %), received {result.received}, lost {result.lost}, dropped as behind {result.dropped_behind}")
     return 0
 

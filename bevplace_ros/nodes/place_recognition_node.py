@@ -39,7 +39,7 @@ from bevplace_ros.nodes.parameters import (
     specs_from_config,
     updated_config,
 )
-from bevplace_ros.nodes.worker import LatestWorker
+from bevplace_ros.nodes.worker import QueueWorker
 from bevplace_ros.odometry_buffer import OdometryBuffer, OdometryLookupError
 from bevplace_ros.place_map import PlaceMap, PlaceMapConfig, PlaceMapError
 from bevplace_ros.pointcloud2 import PointCloud2Error, xyz_intensity
@@ -48,8 +48,10 @@ from bevplace_ros.scan_checks import ScanCheckConfig, check_scan
 from bevplace_ros.se3 import make_transform
 
 # sensor_data: best effort, what LiDAR drivers publish; reliable: only matches reliable publishers,
-# and lets the middleware resend lost fragments of large clouds.
-POINTS_QOS = {"sensor_data": qos_profile_sensor_data, "reliable": QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)}
+# and lets the middleware resend lost fragments of large clouds. A history of 10 (1 s at 10 Hz, not
+# sensor data's 5) keeps clouds that arrive while a busy machine starves the executor.
+POINTS_QOS = {name: QoSProfile(depth=10, reliability=reliability, durability=qos_profile_sensor_data.durability)
+              for name, reliability in (("sensor_data", ReliabilityPolicy.BEST_EFFORT), ("reliable", ReliabilityPolicy.RELIABLE))}
 LARGE_CLOUD_HINT = "clouds larger than the middleware is set up for? Use config/fastdds_large_clouds.xml in every process (README: middleware)"
 
 PARAMS = [
@@ -108,6 +110,8 @@ PARAMS = [
     ParamSpec("map_file", "bevplace_place_map.npz", "Default file for the save/load services."),
     ParamSpec("points_qos", "sensor_data", "QoS of the points subscription: 'sensor_data' (best effort) or 'reliable' (needs a reliable publisher).",
               choices=tuple(POINTS_QOS), runtime=False),
+    ParamSpec("scan_queue", 3, "Scans waiting while the node is busy (absorbs a busy moment of the machine); beyond it the oldest "
+              "is dropped with a warning. 1: only the latest.", 1, 100, runtime=False),
     ParamSpec("scan_timeout", 5.0, "Warn when odometry arrives but no scan has for this long [s]; 0 disables.", 0.0, 3600.0),
 ]
 
@@ -147,7 +151,7 @@ class PlaceRecognitionNode(Node):
         reliable = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
         self.keyframe_pub = self.create_publisher(Keyframe, "keyframes", reliable)
         self.candidate_pub = self.create_publisher(LoopCandidate, "loop_candidates", reliable)
-        self.worker = LatestWorker(self._process, self._worker_error, "place_recognition")
+        self.worker = QueueWorker(self._process, self._worker_error, "place_recognition", p["scan_queue"])
         events = SubscriptionEventCallbacks(message_lost=self._on_clouds_lost, incompatible_qos=self._on_incompatible_qos)
         self.points_sub = self.create_subscription(PointCloud2, "points", self._on_cloud, POINTS_QOS[p["points_qos"]], event_callbacks=events)
         self._tf_buffer = self._tf_listener() if p["pose_source"] == "tf" else None
@@ -251,7 +255,7 @@ class PlaceRecognitionNode(Node):
         before = self.worker.dropped
         self.worker.submit(msg)
         if self.worker.dropped > before:
-            self.diagnostics.warning("dropped.behind", f"place recognition is behind: dropped {self.worker.dropped} scans so far (latest wins)")
+            self.diagnostics.warning("dropped.behind", f"place recognition is behind: dropped {self.worker.dropped} scans so far (oldest first)")
 
     def _worker_error(self, err: Exception) -> None:
         self.diagnostics.skip("error", f"{type(err).__name__}: {err}")

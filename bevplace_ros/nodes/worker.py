@@ -1,8 +1,9 @@
-"""Background workers so a slow stage never blocks a subscriber callback.
+"""A background worker so a slow stage never blocks a subscriber callback.
 
-`LatestWorker` keeps only the newest item (LiDAR: an old scan is worth less than the next one);
-`QueueWorker` keeps a bounded FIFO (loop candidates: each one matters, but memory must not grow).
-Both count what they drop so the node can warn with numbers.
+`QueueWorker` keeps a bounded FIFO and drops the oldest beyond it: loop candidates (each one
+matters, but memory must not grow) and LiDAR scans (a few absorb a busy moment of the machine;
+beyond them an old scan is worth less than the next one). It counts what it drops so the node can
+warn with numbers.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ from collections import deque
 from typing import Any, Callable
 
 
-class _Worker:
-    def __init__(self, handle: Callable[[Any], None], on_error: Callable[[Exception], None], name: str) -> None:
+class QueueWorker:
+    """Handles items in order; beyond `max_size` pending items the oldest is dropped (and counted)."""
+
+    def __init__(self, handle: Callable[[Any], None], on_error: Callable[[Exception], None], name: str, max_size: int) -> None:
+        self.max_size = max_size
         self._handle = handle
         self._on_error = on_error
         self._cond = threading.Condition()
@@ -24,6 +28,14 @@ class _Worker:
         self.handled = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
+
+    def submit(self, item: Any) -> None:
+        with self._cond:
+            self._items.append(item)
+            while len(self._items) > self.max_size:
+                self._items.popleft()
+                self.dropped += 1
+            self._cond.notify_all()
 
     def idle(self) -> bool:
         """Nothing queued and nothing being handled (used by replay's flow control)."""
@@ -54,31 +66,3 @@ class _Worker:
                     self._busy = False
                     self.handled += 1
                     self._cond.notify_all()
-
-
-class LatestWorker(_Worker):
-    """Handles the newest submitted item; an item not yet started is replaced (and counted)."""
-
-    def submit(self, item: Any) -> None:
-        with self._cond:
-            if self._items:
-                self._items.clear()
-                self.dropped += 1
-            self._items.append(item)
-            self._cond.notify_all()
-
-
-class QueueWorker(_Worker):
-    """Handles items in order; beyond `max_size` pending items the oldest is dropped (and counted)."""
-
-    def __init__(self, handle: Callable[[Any], None], on_error: Callable[[Exception], None], name: str, max_size: int) -> None:
-        super().__init__(handle, on_error, name)
-        self.max_size = max_size
-
-    def submit(self, item: Any) -> None:
-        with self._cond:
-            self._items.append(item)
-            while len(self._items) > self.max_size:
-                self._items.popleft()
-                self.dropped += 1
-            self._cond.notify_all()
