@@ -83,3 +83,27 @@ def test_no_deprecated_logger_warn_is_left():
     calls = [f"{path.name}:{n}" for path in package.rglob("*.py") for n, line in enumerate(path.read_text().splitlines(), 1)
              if re.search(r"\.warn\(", line)]
     assert not calls, calls
+
+
+def test_registration_and_pose_graph_nodes_publish_their_counters_at_1_hz(ros_context):
+    from bevplace_ros.nodes.pose_graph_node import PoseGraphNode
+    from bevplace_ros.nodes.registration_node import RegistrationNode
+
+    nodes = [RegistrationNode(context=ros_context), PoseGraphNode(context=ros_context)]
+    listener = rclpy.create_node("diagnostics_listener", context=ros_context)
+    executor = SingleThreadedExecutor(context=ros_context)
+    for node in [*nodes, listener]:
+        executor.add_node(node)
+    arrays: list[DiagnosticArray] = []
+    listener.create_subscription(DiagnosticArray, "/diagnostics", arrays.append, 100)
+    by_node = lambda name: [(a.header.stamp, s) for a in arrays for s in a.status if s.name == name]
+    try:
+        assert spin_until(executor, lambda: all(len(by_node(n.get_fully_qualified_name())) >= 2 for n in nodes), 60.0)
+        for node, keys in zip(nodes, ({"keyframes", "candidates", "closures", "verified", "dropped.behind"}, {"keyframes_handled", "loops_handled"})):
+            (first, status), (second, _) = by_node(node.get_fully_qualified_name())[:2]
+            assert keys <= set(status_values(status)) and status.level == DiagnosticStatus.OK
+            assert (second.sec + second.nanosec * 1e-9) - (first.sec + first.nanosec * 1e-9) >= 0.9  # a 1 s timer, late at worst
+    finally:
+        executor.shutdown()
+        for node in [*nodes, listener]:
+            node.destroy_node()
