@@ -14,6 +14,7 @@ import pytest
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from nav_msgs.msg import Odometry
+from rclpy.event_handler import PublisherEventCallbacks
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
@@ -84,6 +85,37 @@ def test_odometry_without_scans_warns_until_a_scan_arrives(ros_context):
         assert spin_until(executor, lambda: publishing(no_scans), 60.0), [s.message for s in statuses]
         assert "publisher(s) matched, yet nothing arrives" in statuses[-1].message and "fastdds_large_clouds.xml" in statuses[-1].message
         assert spin_until(executor, lambda: publishing(lambda: not no_scans(), with_scans=True), 60.0), [s.message for s in statuses[-3:]]
+    finally:
+        executor.shutdown()
+        talker.destroy_node()
+        node.destroy_node()
+
+
+def test_a_best_effort_driver_and_reliable_points_qos_are_named_as_the_cause(ros_context):
+    from bevplace_ros.nodes.place_recognition_node import PlaceRecognitionNode
+
+    node = PlaceRecognitionNode(context=ros_context, parameter_overrides=[
+        Parameter("place.weights", value="random"), Parameter("points_qos", value="reliable"), Parameter("scan_timeout", value=1.0)])
+    talker = __import__("rclpy").create_node("driver", context=ros_context)
+    executor = MultiThreadedExecutor(context=ros_context)
+    executor.add_node(node)
+    executor.add_node(talker)
+    statuses: list[DiagnosticStatus] = []
+    talker.create_subscription(DiagnosticArray, "/diagnostics", lambda m: statuses.extend(s for s in m.status if s.name == node.get_fully_qualified_name()), 10)
+    quiet = PublisherEventCallbacks(incompatible_qos=lambda info: None)  # rclpy's default handler logs with the deprecated warn()
+    talker.create_publisher(PointCloud2, "points", qos_profile_sensor_data, event_callbacks=quiet)  # what LiDAR drivers offer
+    odometry = talker.create_publisher(Odometry, "odom", QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE))
+    sent = [0]
+
+    def odometry_keeps_arriving() -> bool:
+        sent[0] += 1
+        odom = Odometry()
+        odom.header.stamp, odom.pose.pose = ns_to_stamp(sent[0] * 10**8), matrix_to_pose(np.eye(4))
+        odometry.publish(odom)
+        return bool(statuses) and "incompatible with points_qos='reliable'" in statuses[-1].message
+
+    try:
+        assert spin_until(executor, odometry_keeps_arriving, 60.0), [s.message for s in statuses[-3:]]
     finally:
         executor.shutdown()
         talker.destroy_node()

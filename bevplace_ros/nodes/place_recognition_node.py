@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import replace
@@ -143,7 +144,8 @@ class PlaceRecognitionNode(Node):
         self.clouds_lost = 0  # reported lost by the middleware (message_lost events)
         self.keyframes_published = 0
         self.candidates_published = 0
-        self._last_cloud_time = self._last_odom_time = time.monotonic()
+        self._last_cloud_time, self._last_odom_time = time.monotonic(), -math.inf
+        self._qos_mismatch = False  # a publisher on points with QoS incompatible with points_qos was seen
         self.diagnostics = NodeDiagnostics(self, self._counters)
         self.skipped, self.last_skip = self.diagnostics.skipped, self.diagnostics.last_skip
         self.decode_ms = self.diagnostics.stage("decode")  # conversion, range filter and scan checks, per scan
@@ -215,7 +217,9 @@ class PlaceRecognitionNode(Node):
         if not (timeout > 0 and silent >= timeout and now - self._last_odom_time < timeout):
             return self.diagnostics.condition("no scans", None)
         publishers = self.points_sub.get_publisher_count()
-        if publishers == 0:
+        if self._qos_mismatch:
+            cause = f"a publisher's QoS is incompatible with points_qos={self.params['points_qos']!r}"
+        elif publishers == 0:
             cause = "no publisher on it: check the topic name and remapping"
         elif self.clouds_lost:
             cause = f"{publishers} publisher(s), {self.clouds_lost} scans lost by the middleware: {LARGE_CLOUD_HINT}"
@@ -232,6 +236,7 @@ class PlaceRecognitionNode(Node):
                                          f"({info.total_count} so far): {LARGE_CLOUD_HINT}")
 
     def _on_incompatible_qos(self, info: QoSRequestedIncompatibleQoSInfo) -> None:
+        self._qos_mismatch = True
         self.diagnostics.warning("incompatible qos", f"a publisher on {self.points_sub.topic_name} has QoS incompatible with points_qos="
                                                      f"{self.params['points_qos']!r} (policy id {info.last_policy_kind}): no scan from it "
                                                      "arrives; a best-effort publisher needs points_qos 'sensor_data'")
