@@ -3,6 +3,8 @@ agreeing loops, survives a wrong first loop, and a two-session map saves and loa
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from test_pose_graph import Scenario, _exp, _loop_cov, make_scenario
@@ -225,8 +227,9 @@ def test_node_publishes_map_to_odom_only_once_the_loaded_maps_new_session_is_anc
     import rclpy
 
     map_file = _map(sc).save(tmp_path / "graph.npz")
-    node = PoseGraphNode(context=ros_context)
-    client_node = rclpy.create_node("session_test", context=ros_context)
+    namespace = f"/sessions_{os.getpid()}"  # nothing else on the machine shares these topics
+    node = PoseGraphNode(context=ros_context, namespace=namespace)
+    client_node = rclpy.create_node("session_test", context=ros_context, namespace=namespace)
     executor = SingleThreadedExecutor(context=ros_context)
     for n in (node, client_node):
         executor.add_node(n)
@@ -239,7 +242,7 @@ def test_node_publishes_map_to_odom_only_once_the_loaded_maps_new_session_is_anc
     keyframes = client_node.create_publisher(Keyframe, "keyframes", reliable)
     loops = client_node.create_publisher(LoopClosure, "loop_closures", reliable)
     try:
-        client = client_node.create_client(LoadMap, "/pose_graph_node/load_graph")
+        client = client_node.create_client(LoadMap, f"{namespace}/pose_graph_node/load_graph")
         assert spin_until(executor, client.service_is_ready, 30.0)
         future = client.call_async(LoadMap.Request(path=str(map_file)))
         assert spin_until(executor, future.done, 30.0) and future.result().success, future.result()
