@@ -293,3 +293,28 @@ def test_replay_continues_a_saved_map_in_a_new_session_and_saves_both(drive, tmp
     both = PoseGraph.load(tmp_path / "b" / "graph.npz")
     assert set(both.sessions().values()) == {0, 1} and both.anchored(1) and both.localized
     assert set(both.optimized_poses()) == set(both.keys)
+
+
+def test_session_metrics_measure_the_anchor_against_ground_truth() -> None:
+    """evaluate sessions' figures on a made-up run: 5 map keyframes, a run of 4 anchored at its
+    third keyframe by an anchor 1 m and 2 degrees off, then optimised onto the truth."""
+    from bevplace_ros.evaluation.sessions import session_metrics
+    from bevplace_ros.nodes.bag_replay import ReplayRun
+    from bevplace_ros.pose_graph import Anchoring
+
+    T_map_world = _exp([0, 0, 0.3], [5.0, -2.0, 0.0])
+    gt_world = {10 + i: _exp([0, 0, 0.1 * i], [60.0 + 4.0 * i, 0.0, 0.0]) for i in range(4)}  # starts 50 m past the map
+    T_odom_world = _exp([0, 0, -1.0], [3.0, 4.0, 0.0])  # the run's own odometry frame, no drift
+    true_anchor = T_map_world @ invert(T_odom_world)
+    anchor = _exp([0, 0, np.radians(2.0)], [1.0, 0.0, 0.0]) @ true_anchor
+    run = ReplayRun(keyframe_stamps={k: (k - 10) * 10**9 for k in gt_world}, odometry={k: T_odom_world @ T for k, T in gt_world.items()},
+                    sessions={**{k: 0 for k in range(5)}, **{k: 1 for k in gt_world}},
+                    map_poses={k: T_map_world @ T for k, T in gt_world.items()},
+                    anchorings={1: Anchoring(1, (11, 12), 5 + 3, anchor, 1)})
+    map_positions = np.array([[float(x), 0.0, 0.0] for x in range(0, 10, 2)])
+    m = session_metrics(run, gt_world, T_map_world, map_positions)
+    assert m["starts_outside_map"] and m["start_distance_to_map_m"] == pytest.approx(52.0)
+    assert m["relocalised"] and m["anchor_keyframe"] == 2 and m["wrong_hypotheses_dropped"] == 1
+    assert m["distance_before_m"] == pytest.approx(8.0) and m["time_before_s"] == pytest.approx(2.0)
+    assert m["anchor_error_deg"] == pytest.approx(2.0, abs=1e-6) and 0.5 < m["anchor_error_m"] < 4.0
+    assert not m["false_anchoring"] and m["ate_anchor_only_m"] > 0.5 and m["ate_joined_m"] == pytest.approx(0.0, abs=1e-9)
