@@ -54,7 +54,8 @@ def test_a_burst_of_four_different_bad_scans_leaves_four_warnings_and_four_count
     clouds = talker.create_publisher(PointCloud2, "points", qos_profile_sensor_data)
     bad = _bad_scans()
     try:
-        assert spin_until(executor, lambda: clouds.get_subscription_count() and statuses, 120.0), "the node never came up"
+        both_matched = lambda: clouds.get_subscription_count() and statuses and status_values(statuses[-1])["publishers"] == "1"
+        assert spin_until(executor, both_matched, 120.0), "the node never came up"
         for cloud in bad.values():
             clouds.publish(cloud)
             spin_until(executor, lambda: False, 0.5)  # the input schedule of the bug report (0.5 s apart), not a wait for an event

@@ -106,8 +106,8 @@ def publish(scans: int, rate_hz: float, beams: int, points_qos: str, timeout_s: 
         return create_cloud(Header(stamp=ns_to_stamp(START_NS + i * round(1e9 / rate_hz)), frame_id="lidar"), fields, points)
 
     try:
-        wait(lambda: clouds.get_subscription_count() > 0 and odometry.get_subscription_count() > 0 and statuses[0] > 0,
-             "the place node to subscribe and publish its status")
+        wait(lambda: clouds.get_subscription_count() > 0 and odometry.get_subscription_count() > 0 and count("publishers") > 0,
+             "the place node and this publisher to match, both ways")
         odom = Odometry()
         odom.header.frame_id, odom.pose.pose = "odom", matrix_to_pose(np.eye(4))
         odom_count = scans + 20

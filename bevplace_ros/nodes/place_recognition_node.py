@@ -206,7 +206,7 @@ class PlaceRecognitionNode(Node):
         return None
 
     def _counters(self) -> dict[str, int]:
-        return {"received": self.clouds_received, "handled": self.clouds_handled, "processed": self.clouds_processed,
+        return {"publishers": self.points_sub.get_publisher_count(), "received": self.clouds_received, "handled": self.clouds_handled, "processed": self.clouds_processed,
                 "keyframes": self.keyframes_published, "candidates": self.candidates_published, "odometry": self.odometry_received,
                 "dropped.behind": self.worker.dropped, "lost": self.clouds_lost}
 
