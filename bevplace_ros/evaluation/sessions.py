@@ -208,3 +208,107 @@ def evaluate_sessions(cfg: SessionsConfig, out: Path, params_file: Path | None, 
               "thresholds": {"false_anchor_m": FALSE_ANCHOR_M, "false_anchor_deg": FALSE_ANCHOR_DEG, "outside_m": OUTSIDE_M}}
     atomic_write_bytes(out / "sessions.json", json.dumps(report, indent=2).encode())
     return report
+
+
+# ----------------------------------------------------------------- KITTI BEV images
+KITTI_LOOP_SIGMAS = (0.5, 0.5, 1.0, 2.0, 2.0, 2.0)  # x, y, z [m], roll, pitch, yaw [deg] of a BEV-image loop
+KITTI_YAW_DRIFT_DEG_PER_M = 0.02  # the query run's simulated odometry heading drift
+TRUE_LOOP_M, TRUE_LOOP_DEG = 2.0, 5.0
+
+
+@dataclass(frozen=True)
+class KittiSessionsConfig:
+    db_end: int  # database frames [0, db_end) are the map, query frames [query_start, end) the second run
+    query_start: int
+    step: int = 3  # every step-th frame is a keyframe
+    top_k: int = 3
+    min_inliers: int = 15  # BEV-pose inliers a loop needs (there are no scans to register)
+    exclude_recent: int = 50  # within the query run (its own revisits)
+
+
+def kitti_sessions(folder: Path, cfg: KittiSessionsConfig, anchor_loops: tuple[int, ...] = (2, 1)) -> dict[str, Any]:
+    """The query frames of a KITTI BEV sequence as a second run against its database frames.
+
+    The published BEV images come without scans, so a loop is the BEV 3-DoF pose between the two
+    images (re-ranked by inliers) instead of a registration: a weaker check than the pipeline's.
+    The map is the database frames at their ground-truth poses; the run's odometry is its ground
+    truth with a heading drift, in a frame of its own. The same loops go into graphs that anchor
+    after each of `anchor_loops` agreeing loops, to show what the second loop buys.
+    """
+    from bevplace_ros.bev_pose import estimate_pose
+    from bevplace_ros.datasets.bev_images import BEVImageFolder
+    from bevplace_ros.descriptor_db import DatabaseConfig, DescriptorDatabase
+    from bevplace_ros.place_recognizer import PlaceRecognizer
+
+    seq = BEVImageFolder(folder)
+    gt = seq.poses
+    db_frames, query_frames = np.arange(0, cfg.db_end, cfg.step), np.arange(cfg.query_start, len(seq), cfg.step)
+    recognizer = PlaceRecognizer()
+    keypoints, descriptors = {}, {}
+    frames = np.r_[db_frames, query_frames]
+    for start in range(0, len(frames), 32):  # keep descriptors and keypoints only: feature maps are large
+        chunk = frames[start:start + 32]
+        for frame, f in zip(chunk, recognizer.describe_images(seq.images(chunk))):
+            keypoints[int(frame)], descriptors[int(frame)] = f.keypoints, f.descriptor
+    database = DescriptorDatabase(DatabaseConfig(dim=recognizer.descriptor_dim))
+    database.add_batch(db_frames, db_frames.astype(float), np.array([descriptors[int(f)] for f in db_frames]), session=0)
+    loops = []  # (query frame, match frame, T_match_query, true)
+    for frame in query_frames:
+        descriptor = descriptors[int(frame)]
+        for match in database.query(descriptor, float(frame), cfg.top_k, cfg.exclude_recent, session=1):
+            pose = estimate_pose(keypoints[match.keyframe_id], keypoints[int(frame)], recognizer.cfg.pose)
+            if pose is not None and pose.inliers >= cfg.min_inliers:
+                T = pose.matrix()
+                T_true = invert(gt[match.keyframe_id]) @ gt[frame]
+                true = translation_error(T, T_true) < TRUE_LOOP_M and rotation_error_deg(T, T_true) < TRUE_LOOP_DEG
+                loops.append((int(frame), match.keyframe_id, T, true))
+        database.add(int(frame), float(frame), descriptor, session=1)
+    odom = _drifting_odometry(gt[query_frames])
+    return {"frames": {"map": len(db_frames), "run": len(query_frames)}, "loops": len(loops), "false_loops": sum(not t for *_, t in loops),
+            "by_anchor_loops": {n: _kitti_graph(gt, db_frames, query_frames, odom, loops, n) for n in anchor_loops}}
+
+
+def _drifting_odometry(gt: np.ndarray) -> np.ndarray:
+    """The run's odometry: its true motion with a heading drift per metre, from an arbitrary frame."""
+    from bevplace_ros.se3 import make_transform, xyyaw_to_matrix
+
+    odom = [xyyaw_to_matrix(50.0, -20.0, 2.0)]
+    for a, b in zip(gt[:-1], gt[1:]):
+        step = invert(a) @ b
+        drift = np.radians(KITTI_YAW_DRIFT_DEG_PER_M * np.linalg.norm(step[:3, 3]))
+        odom.append(odom[-1] @ step @ make_transform(xyyaw_to_matrix(0, 0, drift)[:3, :3], np.zeros(3)))
+    return np.array(odom)
+
+
+def _kitti_graph(gt, db_frames, query_frames, odom, loops, anchor_loops: int) -> dict[str, Any]:
+    from bevplace_ros.pose_graph import PoseGraph, PoseGraphConfig
+
+    graph = PoseGraph(PoseGraphConfig(anchor_loops=anchor_loops))
+    for frame in db_frames:
+        graph.add_keyframe(int(frame), float(frame), gt[frame])
+    graph.start_session()
+    covariance = np.diag(np.square(np.r_[KITTI_LOOP_SIGMAS[:3], np.radians(KITTI_LOOP_SIGMAS[3:])]))
+    by_query: dict[int, list] = {}
+    for query, match, T, true in loops:
+        by_query.setdefault(query, []).append((match, T, true))
+    taken_false = 0
+    for i, frame in enumerate(query_frames):
+        graph.add_keyframe(int(frame), float(frame), odom[i])
+        for match, T, true in by_query.get(int(frame), []):
+            taken_false += (graph.add_loop(match, int(frame), T, covariance).accepted and not true)
+    out: dict[str, Any] = {"anchored": graph.anchored(1), "false_loops_in_graph": taken_false}
+    anchoring = graph.anchorings().get(1)
+    if anchoring is None:
+        return out
+    at = anchoring.after - len(db_frames) - 1
+    xy = gt[query_frames][:, :3, 3]
+    travelled = np.r_[0.0, np.cumsum(np.linalg.norm(np.diff(xy, axis=0), axis=1))]
+    anchor_pose = anchoring.T_map_odom @ odom[at]
+    poses = graph.optimized_poses()
+    out.update(distance_before_m=float(travelled[at]), frames_before=at,
+               anchor_error_m=translation_error(anchor_pose, gt[query_frames[at]]),
+               anchor_error_deg=rotation_error_deg(anchor_pose, gt[query_frames[at]]),
+               ate_anchor_only_m=ate_rmse(anchoring.T_map_odom @ odom, gt[query_frames], align=False),
+               ate_joined_m=ate_rmse(np.array([poses[int(f)] for f in query_frames]), gt[query_frames], align=False))
+    out["false_anchoring"] = out["anchor_error_m"] > FALSE_ANCHOR_M or out["anchor_error_deg"] > FALSE_ANCHOR_DEG
+    return out
