@@ -13,7 +13,7 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 # `.ci/run` sets this where ../shared/data is laid out: a missing folder then fails the real-data tests
 # instead of skipping them, so CI cannot pass without running them.
 REQUIRE_SHARED_ENV = "BEVPLACE_REQUIRE_SHARED"
-SHARED_FOLDERS = ("kitti_scans", "kitti_bev/00", "kitti_bev/06")  # what the real-data tests read
+SHARED_FOLDERS = ("kitti_scans", "kitti_scans_more", "kitti_bev/00", "kitti_bev/06", "bevplace_weights")  # what the real-data tests read
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +21,8 @@ def shared_data() -> Path:
     """The read-only KITTI-derived data beside the repo (../shared/data); a user's clone has none, so skip."""
     missing = [str(SHARED_DATA / f) for f in SHARED_FOLDERS if not (SHARED_DATA / f).is_dir()]
     if missing:
-        reason = f"needs the KITTI-derived data: missing {', '.join(missing)} (../shared/data beside the repository)"
+        what = str(SHARED_DATA) if not SHARED_DATA.is_dir() else ", ".join(missing)
+        reason = f"needs the KITTI-derived data: {what} is missing (../shared/data beside the repository; README: tests)"
         if os.environ.get(REQUIRE_SHARED_ENV) == "1":
             pytest.fail(f"{reason}, and {REQUIRE_SHARED_ENV}=1 requires it")
         pytest.skip(reason)

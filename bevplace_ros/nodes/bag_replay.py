@@ -5,6 +5,7 @@ scan waits for the pipeline to settle), so a run gives the same result at any ma
 a rate it replays on the bag's clock instead. External mode only publishes and records, for nodes
 started as separate processes; its lock-step waits on what the nodes publish (each scan's keyframe,
 one closure per candidate, a path holding every keyframe), so it too never depends on timing.
+In-process runs use a DDS domain of their own, so no other ROS traffic on the machine mixes in.
 Every output topic is recorded into a new rosbag2.
 """
 
@@ -21,6 +22,8 @@ import numpy as np
 
 ODOM_BURST = 100  # lock-step replay waits for delivery after this many odometry messages (QoS depth 200)
 DISCOVERY_S = 120.0  # generous: node processes import torch and load weights, slowly on a loaded machine
+SCAN_TIMEOUT_S = 120.0  # external lock-step: the longest wait for a scan's keyframe
+RESEND_S = 10.0  # external lock-step: re-send a scan (best effort) and its odometry when no keyframe came in this long
 OUTPUT_TOPICS = {
     "keyframes": "bevplace_ros/msg/Keyframe",
     "loop_candidates": "bevplace_ros/msg/LoopCandidate",
@@ -61,7 +64,7 @@ class ReplayRun:
     odometry: dict[int, np.ndarray] = field(default_factory=dict)  # T_odom_sensor
     closures: list[tuple[int, int, np.ndarray, bool, float]] = field(default_factory=list)  # query, match, T, verified, ms
     candidates: int = 0
-    optimized: dict[int, np.ndarray] = field(default_factory=dict)  # T_map_sensor from the last path
+    optimized: dict[int, np.ndarray] = field(default_factory=dict)  # T_map_sensor (in-process: the graph's, else the last path)
     scans_published: int = 0
     latency_ms: dict[str, list[float]] = field(default_factory=dict)
     graph_loops: set[tuple[int, int]] | None = None  # (query, match) the pose graph accepted; in-process only
@@ -101,12 +104,6 @@ def replay(options: ReplayOptions) -> ReplayRun:
     try:
         _play(bag, player, nodes, recorder, options, run, spinner)
         run.wall_s = time.perf_counter() - start
-        if nodes:
-            run.graph_loops = {(loop.query_key, loop.match_key) for loop in nodes[2].graph.loops()}
-            graph = nodes[2].graph
-            run.sessions, run.map_poses, run.anchorings = graph.sessions(), graph.optimized_poses(), graph.anchorings()
-            run.latency_ms = {"place_recognition": list(nodes[0].latency_ms), "registration": [c[4] for c in run.closures],
-                              "pose_graph": list(nodes[2].latency_ms)}
     finally:
         executor.shutdown(timeout_sec=5.0)
         for node in nodes:
@@ -114,6 +111,13 @@ def replay(options: ReplayOptions) -> ReplayRun:
         recorder.close()
         player.destroy_node()
         context.try_shutdown()
+    if nodes:  # from the graph itself once nothing runs: the last recorded path may be one update behind
+        graph = nodes[2].graph
+        run.graph_loops = {(loop.query_key, loop.match_key) for loop in graph.loops()}
+        run.sessions, run.map_poses, run.anchorings = graph.sessions(), graph.optimized_poses(), graph.anchorings()
+        run.optimized = run.map_poses
+        run.latency_ms = {"place_recognition": list(nodes[0].latency_ms), "registration": [c[4] for c in run.closures],
+                          "pose_graph": list(nodes[2].latency_ms)}
     return run
 
 
@@ -161,6 +165,8 @@ def _play(bag, player, nodes, recorder, options: ReplayOptions, run: ReplayRun, 
     subscribers = [points, odom] if not nodes else [points]
     _wait(lambda: all(p.get_subscription_count() > 0 for p in subscribers), DISCOVERY_S, "nodes to subscribe to the bag topics", spinner)
     _wait(recorder.connected, DISCOVERY_S, "the recorder to match the nodes' publishers", spinner)
+    if not nodes:
+        _handshake(player, spinner)
     if options.load_map:
         _call_map_services(player, "load", options.load_map, spinner)
     available = max(bag.scan_count - options.skip_scans, 0)
@@ -168,6 +174,7 @@ def _play(bag, player, nodes, recorder, options: ReplayOptions, run: ReplayRun, 
     seen = 0
     progress = _progress(total, options.progress)
     odom_sent = 0
+    odom_since_scan: list[Any] = []  # re-sent with a lost scan in external lock-step
     wall0, bag0 = time.perf_counter(), None
     for kind, stamp_ns, raw in bag.messages_lidar_after_odometry():
         if kind == "points":
@@ -183,6 +190,7 @@ def _play(bag, player, nodes, recorder, options: ReplayOptions, run: ReplayRun, 
         recorder.now_ns = stamp_ns
         if kind == "odom":
             odom.publish(raw)
+            odom_since_scan.append(raw)
             odom_sent += 1
             if nodes and options.rate <= 0 and odom_sent % ODOM_BURST == 0:  # stay inside the QoS history depth
                 _wait(lambda: nodes[0].odometry_received >= odom_sent, 30.0, "odometry to reach place_recognition_node", spinner)
@@ -196,10 +204,10 @@ def _play(bag, player, nodes, recorder, options: ReplayOptions, run: ReplayRun, 
             _wait(lambda: nodes[0].clouds_handled >= run.scans_published, 120.0, "place_recognition_node to handle the scan", spinner)
             _wait(lambda: _settled(nodes, recorder), 300.0, "registration and the pose graph to settle", spinner)
         elif options.rate <= 0:
-            _wait(lambda: recorder.count("keyframes") >= run.scans_published, 120.0,
-                  f"the keyframe of scan {run.scans_published} (external lock-step needs every scan to become a keyframe; "
-                  "replay with a rate otherwise)", spinner)
+            resend = [(odom, m) for m in odom_since_scan] + [(points, raw)]
+            _await_keyframe(run.scans_published, lambda: [publisher.publish(m) for publisher, m in resend], recorder, spinner)
             _wait(recorder.closures_caught_up, 300.0, "registration_node to answer every loop candidate", spinner)
+        odom_since_scan.clear()
     if nodes:
         _wait(lambda: nodes[0].idle() and _settled(nodes, recorder), 600.0, "the pipeline to finish", spinner)
     elif options.rate <= 0:
@@ -233,6 +241,20 @@ def _call_map_services(player, verb: str, folder: Path, spinner: "_Spinner") -> 
             raise RuntimeError(f"/{node}/{verb}_{suffix}: {response.message}")
 
 
+def _handshake(player, spinner: "_Spinner") -> None:
+    """External mode: a parameter-service round trip with each node. Discovery is per side: our reader can match a
+    node's writer before that writer matches our reader, and what it publishes meanwhile is lost. An answer shows
+    the node has taken in this process's endpoints announced before the client (recorder, bag publishers)."""
+    from rcl_interfaces.srv import GetParameters
+
+    for node, _, _ in MAP_FILES:
+        client = player.create_client(GetParameters, f"/{node}/get_parameters")
+        _wait(client.service_is_ready, DISCOVERY_S, f"service /{node}/get_parameters", spinner)
+        future = client.call_async(GetParameters.Request(names=["use_sim_time"]))
+        _wait(future.done, DISCOVERY_S, f"/{node}/get_parameters to answer", spinner)
+        player.destroy_client(client)
+
+
 def _settled(nodes, recorder) -> bool:
     place, registration, graph = nodes
     return (
@@ -244,6 +266,23 @@ def _settled(nodes, recorder) -> bool:
         and recorder.count("keyframes") >= place.keyframes_published
         and recorder.count("loop_closures") >= registration.closures_published
     )
+
+
+def _await_keyframe(count: int, resend: Callable[[], Any], recorder: "_Recorder", spinner: _Spinner) -> None:
+    """External lock-step: until the recorder holds `count` keyframes. Scans are best effort (sensor-data QoS) and a
+    just-matched subscription can miss the first messages, so the scan and its odometry are re-sent while none comes;
+    the node skips a copy of a scan or odometry it already took (its stamp is not after the last)."""
+    deadline = time.monotonic() + SCAN_TIMEOUT_S
+    resend_at = time.monotonic() + RESEND_S
+    while recorder.count("keyframes") < count:
+        spinner.check()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"replay: no keyframe for scan {count} in {SCAN_TIMEOUT_S:.0f} s (external lock-step needs every "
+                               "scan to become a keyframe; replay with a rate otherwise)")
+        if time.monotonic() > resend_at:
+            resend()
+            resend_at = time.monotonic() + RESEND_S
+        time.sleep(0.002)
 
 
 def _wait(predicate: Callable[[], bool], timeout_s: float, what: str, spinner: _Spinner) -> None:
@@ -285,7 +324,6 @@ class _Recorder:
         self.now_ns = 0
         self._lock = threading.Lock()
         self._counts = {topic: 0 for topic in OUTPUT_TOPICS}
-        self._seq = self._path_seq = self._verified_seq = 0  # arrival order of the latest path / verified loop
         self._last = time.monotonic()
         self._writer = bag.open_writer(path, OUTPUT_TOPICS) if path else None
         self._subscriptions = []
@@ -309,9 +347,9 @@ class _Recorder:
             return self._counts["loop_closures"] >= self._counts["loop_candidates"]
 
     def path_complete(self) -> bool:
-        """The latest optimised path holds every keyframe and came after the last verified loop."""
+        """The latest optimised path holds every keyframe."""
         with self._lock:
-            return set(self.run.keyframe_stamps) <= set(self.run.optimized) and self._path_seq > self._verified_seq
+            return set(self.run.keyframe_stamps) <= set(self.run.optimized)
 
     def wait_quiet(self, quiet_s: float) -> None:
         while time.monotonic() - self._last < quiet_s:
@@ -327,11 +365,6 @@ class _Recorder:
                     self._writer.write(topic, self.now_ns, raw)
                 self._decode(topic, msg)
                 self._counts[topic] += 1
-                self._seq += 1
-                if topic == "optimized_path":
-                    self._path_seq = self._seq
-                elif topic == "loop_closures" and msg.verified:
-                    self._verified_seq = self._seq
                 self._last = time.monotonic()
 
         return record

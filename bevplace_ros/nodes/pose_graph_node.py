@@ -123,15 +123,19 @@ class PoseGraphNode(Node):
         self.latency_ms.append((time.perf_counter() - start) * 1e3)
 
     def _add_loop(self, msg: LoopClosure) -> None:
-        self.loops_handled += 1
         try:
             covariance = np.asarray(msg.relative_pose.covariance, dtype=float).reshape(6, 6)
             decision = self.graph.add_loop(int(msg.match_id), int(msg.query_id), pose_to_matrix(msg.relative_pose.pose), covariance)
         except (PoseGraphError, ValueError) as err:
             self.diagnostics.skip("bad loop", f"loop {msg.match_id}<-{msg.query_id}: {err}", what="loop")
             return
-        log = self.get_logger().info if decision.accepted or decision.held else self.get_logger().warning
-        log(f"loop {msg.match_id}<-{msg.query_id}: {decision.reason}")
+        finally:
+            self.loops_handled += 1  # once the graph holds the loop: lock-step replay reads the graph when the count is reached
+        text = f"loop {msg.match_id}<-{msg.query_id}: {decision.reason}"
+        if decision.accepted or decision.held:  # one call site per severity: rclpy refuses a second severity at one site
+            self.get_logger().info(text)
+        else:
+            self.get_logger().warning(text)
 
     def _publish(self, stamp) -> None:
         if not self.graph.keys:
