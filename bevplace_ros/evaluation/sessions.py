@@ -241,7 +241,7 @@ def kitti_sessions(folder: Path, cfg: KittiSessionsConfig, anchor_loops: tuple[i
     from bevplace_ros.place_recognizer import PlaceRecognizer
 
     seq = BEVImageFolder(folder)
-    gt = seq.poses
+    gt = _rigid(seq.poses)
     db_frames, query_frames = np.arange(0, cfg.db_end, cfg.step), np.arange(cfg.query_start, len(seq), cfg.step)
     recognizer = PlaceRecognizer()
     keypoints, descriptors = {}, {}
@@ -268,6 +268,14 @@ def kitti_sessions(folder: Path, cfg: KittiSessionsConfig, anchor_loops: tuple[i
             "by_anchor_loops": {n: _kitti_graph(gt, db_frames, query_frames, odom, loops, n) for n in anchor_loops}}
 
 
+def _rigid(poses: np.ndarray) -> np.ndarray:
+    """Nearest rotations (SVD): KITTI's 12-digit text poses drift off orthonormal when chained."""
+    u, _, vt = np.linalg.svd(poses[:, :3, :3])
+    out = poses.copy()
+    out[:, :3, :3] = u @ vt
+    return out
+
+
 def _drifting_odometry(gt: np.ndarray) -> np.ndarray:
     """The run's odometry: its true motion with a heading drift per metre, from an arbitrary frame."""
     from bevplace_ros.se3 import make_transform, xyyaw_to_matrix
@@ -277,7 +285,7 @@ def _drifting_odometry(gt: np.ndarray) -> np.ndarray:
         step = invert(a) @ b
         drift = np.radians(KITTI_YAW_DRIFT_DEG_PER_M * np.linalg.norm(step[:3, 3]))
         odom.append(odom[-1] @ step @ make_transform(xyyaw_to_matrix(0, 0, drift)[:3, :3], np.zeros(3)))
-    return np.array(odom)
+    return _rigid(np.array(odom))
 
 
 def _kitti_graph(gt, db_frames, query_frames, odom, loops, anchor_loops: int) -> dict[str, Any]:
