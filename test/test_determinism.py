@@ -49,15 +49,20 @@ def test_two_replays_of_the_demo_bag_agree(tmp_path):
     _assert_same_run(*(replay(replay_options(DEMO_BAG, tmp_path / str(i), record=None)) for i in range(2)))
 
 
-def test_gicp_refinement_repeats_bit_for_bit(torch_one_thread):
-    """With small_gicp's default two threads this differed in the last bits on most repeats."""
+def test_preprocessing_and_gicp_refinement_repeat_bit_for_bit(torch_one_thread):
+    """With small_gicp on two threads both differed in the last bits on most repeats."""
     from bevplace_ros.commands.benchmark_place import simulated_kitti_scans
     from bevplace_ros.registration import Registrar
     from bevplace_ros.registration.refine import RefineConfig, gicp_refine
     from bevplace_ros.se3 import xyyaw_to_matrix
 
     registrar = Registrar()
-    source, target = (registrar.preprocess(scan) for scan in simulated_kitti_scans((0, 3)))
+    scans = simulated_kitti_scans((0, 3))
+    source, target = (registrar.preprocess(scan) for scan in scans)
+    for _ in range(3):
+        again = registrar.preprocess(scans[0])
+        np.testing.assert_array_equal(again.gicp_points, source.gicp_points)
+        np.testing.assert_array_equal(np.asarray(again.gicp_cloud.covs()), np.asarray(source.gicp_cloud.covs()))
     results = [gicp_refine(source, target, xyyaw_to_matrix(3.0, 0.0, 0.02), RefineConfig()) for _ in range(4)]
     assert results[0].fitness > 0.5
     for result in results[1:]:
