@@ -134,7 +134,8 @@ def _stop(process: subprocess.Popen, timeout_s: float = 60.0) -> None:
 
 def test_three_separate_processes_talk_over_dds(drive, tmp_path):
     """Lock-step on the nodes' own outputs (each scan's keyframe, a closure per candidate): no rate, no quiet period."""
-    env_args = ["--ros-args", "--params-file", str(PARAMS_FILE), "-p", "base_to_sensor:=[0.3, 0.0, 1.73, 0.0, 0.0, 0.0]"]
+    env_args = ["--ros-args", "--params-file", str(PARAMS_FILE), "-p", "base_to_sensor:=[0.3, 0.0, 1.73, 0.0, 0.0, 0.0]",
+                "-p", "keyframe.min_distance:=0.0", "-p", "keyframe.max_interval:=0.01"]  # every scan, even on late odometry
     names = ("place_recognition_node", "registration_node", "pose_graph_node")
     logs = [tmp_path / f"{name}.log" for name in names]
     processes = [subprocess.Popen([sys.executable, "-m", f"bevplace_ros.nodes.{name}", *env_args], stdout=log.open("w"),

@@ -82,6 +82,8 @@ class RegistrationNode(Node):
         self.method = ("roitr_lite" + (f"|{registration.classical}" if registration.classical_fallback else "")) if registration.use_network else registration.classical
         self.method += "+gicp" if registration.refine.enabled else ""
         self.keyframes_handled = 0
+        self._last_keyframe: int | None = None
+        self._early: list[LoopCandidate] = []  # candidates that overtook their keyframe (two topics, no order between them)
         self.closures_published = 0
         self.loops_verified = 0
         self.diagnostics = NodeDiagnostics(self, self._counters)
@@ -120,12 +122,19 @@ class RegistrationNode(Node):
 
     def _on_keyframe(self, msg: Keyframe) -> None:
         self.keyframes_handled += 1
+        self._last_keyframe = int(msg.id)
         try:
             self.verifier.add_keyframe(int(msg.id), xyz_intensity(msg.cloud))
         except PointCloud2Error as err:
             self.diagnostics.skip("unusable cloud", f"keyframe {msg.id}: {err}", what="keyframe")
+        early, self._early = self._early, []
+        for candidate in early:  # not this keyframe's: verification names the missing keyframe
+            self._on_candidate(candidate)
 
     def _on_candidate(self, msg: LoopCandidate) -> None:
+        if self._last_keyframe is not None and int(msg.query_id) == self._last_keyframe + 1 and len(self._early) < 1000:
+            self._early.append(msg)  # its keyframe, the next one, is still on its way
+            return
         before = self.worker.dropped
         self.worker.submit(msg)
         if self.worker.dropped > before:
