@@ -187,3 +187,18 @@ def test_place_node_subscribes_to_the_remapped_topics(ros_context):
         assert {"/points", "/odom"} <= topics
     finally:
         node.destroy_node()
+
+
+def test_a_bev_preset_replaces_the_bev_values_and_the_empty_preset_keeps_them(ros_context):
+    from bevplace_ros.bev import BEVConfig
+    from bevplace_ros.nodes.place_recognition_node import PlaceRecognitionNode
+
+    kitti = PlaceRecognitionNode(context=ros_context, parameter_overrides=[
+        Parameter("place.weights", value="random"), Parameter("bev.preset", value="bevplace_kitti"), Parameter("bev.z_min", value=-3.0)])
+    own = PlaceRecognitionNode(context=ros_context, parameter_overrides=[Parameter("place.weights", value="random"), Parameter("bev.z_min", value=-3.0)])
+    try:
+        assert kitti.bev_cfg == BEVConfig.preset("bevplace_kitti")
+        assert own.bev_cfg.z_min == -3.0 and own.bev_cfg.cells == BEVConfig().cells
+    finally:
+        kitti.destroy_node()
+        own.destroy_node()

@@ -39,9 +39,11 @@ def _package_env() -> dict[str, str]:
 def test_64_beam_clouds_at_10_hz_reach_a_node_in_another_process():
     env = _package_env()
     assert env.get("FASTDDS_DEFAULT_PROFILES_FILE") == str(large_cloud_profile())
-    result, log = run_delivery(env, scans=100, rate_hz=10.0, beams=64)
+    # What is tested is the transport: on a loaded CI machine the node may decode slower than 10 Hz,
+    # so its queue holds every cloud and a cloud can only go missing in the middleware.
+    result, log = run_delivery(env, scans=100, rate_hz=10.0, beams=64, scan_queue=100)
     assert result.cloud_bytes >= 2_000_000
-    assert result.processed >= 99 and result.lost == 0, (result, log[-3000:])
+    assert result.received >= 99 and result.processed >= 99 and result.lost == 0, (result, log[-3000:])
 
 
 @pytest.mark.slow

@@ -149,10 +149,13 @@ def publish(scans: int, rate_hz: float, beams: int, points_qos: str, timeout_s: 
 
 
 def run_delivery(env: dict[str, str], scans: int = 100, rate_hz: float = 10.0, beams: int = 64, points_qos: str = "sensor_data",
-                 timeout_s: float = 120.0) -> tuple[Delivery, str]:
-    """Place node and publisher as two processes with `env`; (what the node processed, the node's log)."""
+                 timeout_s: float = 120.0, scan_queue: int = 3) -> tuple[Delivery, str]:
+    """Place node and publisher as two processes with `env`; (what the node processed, the node's log).
+
+    A deep `scan_queue` takes the node's speed out of the figure, leaving only what the transport lost.
+    """
     node_cmd = [sys.executable, "-m", "bevplace_ros.nodes.place_recognition_node", "--ros-args", "-p", "place.weights:=random",
-                "-p", f"points_qos:={points_qos}"]
+                "-p", f"points_qos:={points_qos}", "-p", f"scan_queue:={scan_queue}"]
     node = subprocess.Popen(node_cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         publisher = subprocess.run([sys.executable, "-m", "bevplace_ros.nodes.cloud_delivery", "publish", "--scans", str(scans),

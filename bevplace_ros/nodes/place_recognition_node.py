@@ -18,7 +18,7 @@ from scipy.spatial.transform import Rotation
 from sensor_msgs.msg import PointCloud2
 from std_msgs.msg import Header
 
-from bevplace_ros.bev import BEVConfig
+from bevplace_ros.bev import BEV_PRESETS, BEVConfig
 from bevplace_ros.device import DEVICE_CHOICES
 from bevplace_ros.keyframe_selector import KeyframeSelector, KeyframeSelectorConfig
 from bevplace_ros.loop_detector import Candidate, DetectedKeyframe, LoopDetectorConfig
@@ -65,6 +65,8 @@ PARAMS = [
         "voxel_z": ("Vertical voxel: a cell counts occupied voxels in its column [m].", 0.01, 5.0),
         "max_count": ("A BEV cell saturates at this many voxels.", 1, 1000),
     }, runtime=False),
+    ParamSpec("bev.preset", "", "Named BEV recipe used instead of the bev.* values above; empty: those values. 'bevplace_kitti' turns raw "
+              "scans into the images place.model 'bevplace_v1' was trained on.", choices=("", *BEV_PRESETS), runtime=False),
     *specs_from_config(PlaceMapConfig, "place.", {
         "rotations": ("Rotations of the equivariant network at inference (more: more rotation-invariant, slower).", 1, 64),
         "max_keyframes": ("Descriptor database bound; beyond it the oldest keyframes are forgotten.", 10, 100_000_000),
@@ -127,7 +129,7 @@ class PlaceRecognitionNode(Node):
         x, y, z, *rpy = p["base_to_sensor"]
         self.T_base_sensor = make_transform(Rotation.from_euler("xyz", rpy).as_matrix(), np.array([x, y, z]))
         map_cfg = replace(config_from_params(PlaceMapConfig, p, "place."), model=p["place.model"], weights=p["place.weights"], device=p["place.device"], spill_dir=p["place.spill_dir"])
-        self.bev_cfg = config_from_params(BEVConfig, p, "bev.")
+        self.bev_cfg = BEVConfig.preset(p["bev.preset"]) if p["bev.preset"] else config_from_params(BEVConfig, p, "bev.")
         self.map = PlaceMap(map_cfg, self.bev_cfg, config_from_params(LoopDetectorConfig, p, "retrieval."))
         self.selector = KeyframeSelector(config_from_params(KeyframeSelectorConfig, p, "keyframe."))
         self.scan_checks = config_from_params(ScanCheckConfig, p, "")
