@@ -101,16 +101,19 @@ def plot_run(path: str | Path, gt: dict[int, np.ndarray], odom: dict[int, np.nda
         axis.plot([a[0], b[0]], [a[1], b[1]], "-", color="red" if outcome.true_loop is False else "green", lw=1.0)
     axis.plot([], [], "g-", label="verified loop (true)")
     axis.plot([], [], "r-", label="verified loop (false)")
+    return save_top_view(path, figure, axis, "x [m]")
+
+
+def save_top_view(path: str | Path, figure, axis, xlabel: str) -> Path:
+    """Label, legend and grid of a top-view trajectory plot, then the PNG written atomically."""
+    import matplotlib.pyplot as plt
+
     axis.set_aspect("equal")
-    axis.set_xlabel("x [m]")
+    axis.set_xlabel(xlabel)
     axis.set_ylabel("y [m]")
     axis.legend(loc="best")
     axis.grid(alpha=0.3)
-
-    def write(tmp: Path) -> None:
-        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     plt.close(figure)
     return Path(path)
 

@@ -102,7 +102,7 @@ def plot_sessions(path: str | Path, sessions: dict[int, int], map_poses: dict[in
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from bevplace_ros.atomic_io import atomic_write
+    from bevplace_ros.evaluation.loop_report import save_top_view
 
     figure, axis = plt.subplots(figsize=(8, 8))
     if truth:
@@ -118,14 +118,7 @@ def plot_sessions(path: str | Path, sessions: dict[int, int], map_poses: dict[in
             a, b = map_poses[match][:2, 3], map_poses[query][:2, 3]
             axis.plot([a[0], b[0]], [a[1], b[1]], "m-", lw=1.0)
     axis.plot([], [], "m-", label="inter-session loop")
-    axis.set_aspect("equal")
-    axis.set_xlabel("x [m] (map frame)")
-    axis.set_ylabel("y [m]")
-    axis.legend(loc="best")
-    axis.grid(alpha=0.3)
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(figure)
-    return Path(path)
+    return save_top_view(path, figure, axis, "x [m] (map frame)")
 
 
 def session_lines(sessions: dict[int, int], anchorings: dict[int, Any]) -> list[str]:
