@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from ros_helpers import spin_until
 from bevplace_ros.commands.replay import summarize_run
 from bevplace_ros.nodes.bag_replay import replay
 from bevplace_ros.nodes.conversions import matrix_to_pose, ns_to_stamp, xyzi_cloud
+from bevplace_ros.nodes.runtime import stop_node_process
 from bevplace_ros.pointcloud2 import create_cloud
 
 
@@ -122,16 +122,6 @@ def test_place_node_survives_malformed_clouds_and_odometry_gaps(ros_context, dri
         node.destroy_node()
 
 
-def _stop(process: subprocess.Popen, timeout_s: float = 60.0) -> None:
-    """SIGINT, as ros2 launch sends on Ctrl-C; killed if it outlives the timeout (its exit is not under test)."""
-    process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 def test_three_separate_processes_talk_over_dds(drive, tmp_path):
     """Lock-step on the nodes' own outputs (each scan's keyframe, a closure per candidate): no rate, no quiet period."""
     env_args = ["--ros-args", "--params-file", str(PARAMS_FILE), "-p", "base_to_sensor:=[0.3, 0.0, 1.73, 0.0, 0.0, 0.0]",
@@ -145,7 +135,7 @@ def test_three_separate_processes_talk_over_dds(drive, tmp_path):
         assert all(p.poll() is None for p in processes), "a node process died"
     finally:
         for p in processes:
-            _stop(p)
+            stop_node_process(p)  # its exit is not under test
     text = "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for log in logs)
     assert len(run.keyframe_stamps) == run.scans_published > 50, text
     assert [c for c in run.closures if c[3]], text

@@ -7,7 +7,6 @@ and reads what an operator sees: the node's log and its /diagnostics status.
 from __future__ import annotations
 
 import re
-import signal
 import subprocess
 import sys
 
@@ -24,6 +23,7 @@ from std_msgs.msg import Header
 from ros_helpers import spin_until
 from bevplace_ros.nodes.conversions import ns_to_stamp, xyzi_cloud
 from bevplace_ros.nodes.diagnostics import status_values
+from bevplace_ros.nodes.runtime import stop_node_process
 from bevplace_ros.pointcloud2 import create_cloud
 
 GOOD = np.random.default_rng(0).uniform(-30, 30, (5000, 4)).astype(np.float32)
@@ -67,12 +67,7 @@ def test_a_burst_of_four_different_bad_scans_leaves_four_warnings_and_four_count
     finally:
         executor.shutdown()
         talker.destroy_node()
-        node_process.send_signal(signal.SIGINT)
-        try:
-            log = node_process.communicate(timeout=60.0)[0]
-        except subprocess.TimeoutExpired:
-            node_process.kill()
-            log = node_process.communicate()[0]
+        log = stop_node_process(node_process)
     for reason in bad:
         assert log.count(f"scan skipped ({reason}, 1 so far)") == 1, log
     assert "DeprecationWarning" not in log

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -156,18 +155,15 @@ def run_delivery(env: dict[str, str], scans: int = 100, rate_hz: float = 10.0, b
     """
     node_cmd = [sys.executable, "-m", "bevplace_ros.nodes.place_recognition_node", "--ros-args", "-p", "place.weights:=random",
                 "-p", f"points_qos:={points_qos}", "-p", f"scan_queue:={scan_queue}"]
+    from bevplace_ros.nodes.runtime import stop_node_process
+
     node = subprocess.Popen(node_cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         publisher = subprocess.run([sys.executable, "-m", "bevplace_ros.nodes.cloud_delivery", "publish", "--scans", str(scans),
                                     "--rate", str(rate_hz), "--beams", str(beams), "--points-qos", points_qos, "--timeout", str(timeout_s)],
                                    env=env, capture_output=True, text=True, timeout=10 * timeout_s)
     finally:
-        node.send_signal(signal.SIGINT)
-        try:
-            log = node.communicate(timeout=60.0)[0]
-        except subprocess.TimeoutExpired:
-            node.kill()
-            log = node.communicate()[0]
+        log = stop_node_process(node)
     if publisher.returncode != 0:
         raise RuntimeError(f"the publisher failed:\n{publisher.stderr[-3000:]}\nnode log:\n{log[-3000:]}")
     fields = json.loads(publisher.stdout.strip().splitlines()[-1])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Callable, MutableMapping
@@ -50,3 +52,14 @@ def run_node(make_node: Callable[[], object], args: list[str] | None = None) -> 
         node.destroy_node()
         rclpy.try_shutdown()
     return 0
+
+
+def stop_node_process(process: subprocess.Popen, timeout_s: float = 60.0) -> str:
+    """SIGINT, as ros2 launch sends on Ctrl-C; killed if it outlives the timeout. Returns what it printed, if piped."""
+    process.send_signal(signal.SIGINT)
+    try:
+        output = process.communicate(timeout=timeout_s)[0]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output = process.communicate()[0]
+    return output or ""
