@@ -154,3 +154,29 @@ def test_a_two_million_point_scan_is_thinned_and_becomes_a_keyframe(ros_context)
         assert node.keyframes_published == 1 and not node.skipped
     finally:
         node.destroy_node()
+
+
+def test_nodes_that_start_after_the_first_keyframe_still_get_it(ros_context):
+    """ros2 launch starts all three at once: a late-matching subscriber must not lose keyframe 0."""
+    from bevplace_ros.msg import Keyframe
+    from bevplace_ros.nodes.conversions import pose_with_covariance
+    from bevplace_ros.nodes.pose_graph_node import PoseGraphNode
+    from bevplace_ros.nodes.qos import KEYFRAMES_QOS
+    from bevplace_ros.nodes.registration_node import RegistrationNode
+
+    talker = __import__("rclpy").create_node("early_place_node", context=ros_context)
+    publisher = talker.create_publisher(Keyframe, "keyframes", KEYFRAMES_QOS)
+    header = Header(stamp=ns_to_stamp(10**9), frame_id="odom")
+    points = np.random.default_rng(0).uniform(-20, 20, (2000, 4)).astype(np.float32)
+    publisher.publish(Keyframe(header=header, id=0, sensor_frame="lidar", odom_pose=pose_with_covariance(np.eye(4), np.eye(6) * 1e-4),
+                               cloud=xyzi_cloud(Header(stamp=header.stamp, frame_id="lidar"), points), descriptor=[1.0]))
+    late = [RegistrationNode(context=ros_context), PoseGraphNode(context=ros_context)]  # created after the publish
+    executor = MultiThreadedExecutor(context=ros_context)
+    for node in (talker, *late):
+        executor.add_node(node)
+    try:
+        assert spin_until(executor, lambda: all(node.keyframes_handled == 1 for node in late), 60.0)
+    finally:
+        executor.shutdown()
+        for node in (talker, *late):
+            node.destroy_node()

@@ -40,6 +40,7 @@ from bevplace_ros.nodes.parameters import (
     specs_from_config,
     updated_config,
 )
+from bevplace_ros.nodes.qos import KEYFRAMES_QOS
 from bevplace_ros.nodes.worker import QueueWorker
 from bevplace_ros.odometry_buffer import OdometryBuffer, OdometryLookupError
 from bevplace_ros.place_map import PlaceMap, PlaceMapConfig, PlaceMapError
@@ -153,7 +154,7 @@ class PlaceRecognitionNode(Node):
         self.decode_ms = self.diagnostics.stage("decode")  # conversion, range filter and scan checks, per scan
         self.latency_ms = self.diagnostics.stage("place_recognition")  # BEV + descriptor + retrieval + BEV pose, per keyframe
         reliable = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
-        self.keyframe_pub = self.create_publisher(Keyframe, "keyframes", reliable)
+        self.keyframe_pub = self.create_publisher(Keyframe, "keyframes", KEYFRAMES_QOS)
         self.candidate_pub = self.create_publisher(LoopCandidate, "loop_candidates", reliable)
         self.worker = QueueWorker(self._process, self._worker_error, "place_recognition", p["scan_queue"])
         events = SubscriptionEventCallbacks(message_lost=self._on_clouds_lost, incompatible_qos=self._on_incompatible_qos)

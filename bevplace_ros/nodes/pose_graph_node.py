@@ -23,6 +23,7 @@ from bevplace_ros.nodes.conversions import matrix_to_pose, ns_to_stamp, pose_to_
 from bevplace_ros.nodes.diagnostics import NodeDiagnostics
 from bevplace_ros.nodes.map_services import serve_save_load
 from bevplace_ros.nodes.parameters import ParamSpec, config_from_params, declare_parameters, specs_from_config
+from bevplace_ros.nodes.qos import KEYFRAMES_QOS
 from bevplace_ros.pose_graph import LOOP_KERNELS, PoseGraph, PoseGraphConfig, PoseGraphError
 
 PREFIX = "graph."
@@ -75,7 +76,7 @@ class PoseGraphNode(Node):
         self.marker_pub = self.create_publisher(MarkerArray, "loop_markers", latched)
         self.localized_pub = self.create_publisher(Bool, "localized", latched)
         self.tf_pub, self._tf_message = self._tf_publisher() if self.params["publish_tf"] else (None, None)
-        self.create_subscription(Keyframe, "keyframes", self._on_keyframe, reliable)
+        self.create_subscription(Keyframe, "keyframes", self._on_keyframe, KEYFRAMES_QOS)
         self.create_subscription(LoopClosure, "loop_closures", self._on_loop, reliable)
         serve_save_load(self, "graph", lambda: self.params["graph_file"], self._save_graph, self._load_graph, (PoseGraphError,))
         self.localized_pub.publish(Bool(data=self.graph.localized))

@@ -19,6 +19,7 @@ from bevplace_ros.nodes.conversions import matrix_to_pose, pose_with_covariance,
 from bevplace_ros.nodes.diagnostics import NodeDiagnostics
 from bevplace_ros.nodes.map_services import serve_save_load
 from bevplace_ros.nodes.parameters import ParamSpec, config_from_params, declare_parameters, specs_from_config, updated_config
+from bevplace_ros.nodes.qos import KEYFRAMES_QOS
 from bevplace_ros.nodes.worker import QueueWorker
 from bevplace_ros.pointcloud2 import PointCloud2Error, xyz_intensity
 from bevplace_ros.registration import RegistrationConfig
@@ -93,7 +94,7 @@ class RegistrationNode(Node):
         self.closure_pub = self.create_publisher(LoopClosure, "loop_closures", reliable)
         self.edge_pub = self.create_publisher(PoseGraphEdge, "pose_graph_edges", reliable)
         self.lio_pub = self.create_publisher(Float64MultiArray, "lio_loop/loop_closure_detection", reliable)
-        self.create_subscription(Keyframe, "keyframes", self._on_keyframe, reliable)
+        self.create_subscription(Keyframe, "keyframes", self._on_keyframe, KEYFRAMES_QOS)
         self.create_subscription(LoopCandidate, "loop_candidates", self._on_candidate, reliable)
         serve_save_load(self, "keyframes", lambda: self.params["keyframes_file"], self._save_keyframes, self._load_keyframes,
                         (KeyframeStoreError,))
