@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from contextlib import contextmanager
 
 import pytest
 
@@ -54,71 +55,64 @@ def test_with_fast_dds_defaults_clouds_are_lost_and_the_node_says_so():
     assert "the middleware lost" in log and "fastdds_large_clouds.xml" in log
 
 
-def test_odometry_without_scans_warns_until_a_scan_arrives(ros_context):
+@contextmanager
+def _place_node_and_talker(ros_context, talker_name: str, *overrides: Parameter):
+    """A place node (random weights, 1 s scan timeout) and a talker node recording its /diagnostics statuses."""
     from bevplace_ros.nodes.place_recognition_node import PlaceRecognitionNode
 
-    node = PlaceRecognitionNode(context=ros_context, parameter_overrides=[Parameter("place.weights", value="random"),
-                                                                          Parameter("scan_timeout", value=1.0)])
-    talker = __import__("rclpy").create_node("talker", context=ros_context)
+    node = PlaceRecognitionNode(context=ros_context, parameter_overrides=[
+        Parameter("place.weights", value="random"), Parameter("scan_timeout", value=1.0), *overrides])
+    talker = __import__("rclpy").create_node(talker_name, context=ros_context)
     executor = MultiThreadedExecutor(context=ros_context)
     executor.add_node(node)
     executor.add_node(talker)
     statuses: list[DiagnosticStatus] = []
     talker.create_subscription(DiagnosticArray, "/diagnostics", lambda m: statuses.extend(s for s in m.status if s.name == node.get_fully_qualified_name()), 10)
-    odometry = talker.create_publisher(Odometry, "odom", QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE))
-    clouds = talker.create_publisher(PointCloud2, "points", qos_profile_sensor_data)
-    sent = [0]
-    scan = np.random.default_rng(0).uniform(-30, 30, (5000, 4)).astype(np.float32)
-
-    def publishing(done, with_scans: bool = False) -> bool:
-        """Odometry (and scans) keep arriving while the test waits for `done`."""
-        sent[0] += 1
-        stamp = ns_to_stamp(sent[0] * 10**8)
-        odom = Odometry()
-        odom.header.stamp, odom.pose.pose = stamp, matrix_to_pose(np.eye(4))
-        odometry.publish(odom)
-        if with_scans:
-            clouds.publish(xyzi_cloud(Header(stamp=stamp, frame_id="lidar"), scan))
-        return done()
-
     try:
+        yield talker, executor, statuses
+    finally:
+        executor.shutdown()
+        talker.destroy_node()
+        node.destroy_node()
+
+
+def test_odometry_without_scans_warns_until_a_scan_arrives(ros_context):
+    with _place_node_and_talker(ros_context, "talker") as (talker, executor, statuses):
+        odometry = talker.create_publisher(Odometry, "odom", QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE))
+        clouds = talker.create_publisher(PointCloud2, "points", qos_profile_sensor_data)
+        sent = [0]
+        scan = np.random.default_rng(0).uniform(-30, 30, (5000, 4)).astype(np.float32)
+
+        def publishing(done, with_scans: bool = False) -> bool:
+            """Odometry (and scans) keep arriving while the test waits for `done`."""
+            sent[0] += 1
+            stamp = ns_to_stamp(sent[0] * 10**8)
+            odom = Odometry()
+            odom.header.stamp, odom.pose.pose = stamp, matrix_to_pose(np.eye(4))
+            odometry.publish(odom)
+            if with_scans:
+                clouds.publish(xyzi_cloud(Header(stamp=stamp, frame_id="lidar"), scan))
+            return done()
+
         assert spin_until(executor, lambda: odometry.get_subscription_count() and clouds.get_subscription_count())
         no_scans = lambda: statuses and statuses[-1].level == DiagnosticStatus.WARN and "no scan on /points" in statuses[-1].message
         assert spin_until(executor, lambda: publishing(no_scans), 60.0), [s.message for s in statuses]
         assert "publisher(s) matched, yet nothing arrives" in statuses[-1].message and "fastdds_large_clouds.xml" in statuses[-1].message
         assert spin_until(executor, lambda: publishing(lambda: not no_scans(), with_scans=True), 60.0), [s.message for s in statuses[-3:]]
-    finally:
-        executor.shutdown()
-        talker.destroy_node()
-        node.destroy_node()
 
 
 def test_a_best_effort_driver_and_reliable_points_qos_are_named_as_the_cause(ros_context):
-    from bevplace_ros.nodes.place_recognition_node import PlaceRecognitionNode
+    with _place_node_and_talker(ros_context, "driver", Parameter("points_qos", value="reliable")) as (talker, executor, statuses):
+        quiet = PublisherEventCallbacks(incompatible_qos=lambda info: None)  # rclpy's default handler logs with the deprecated warn()
+        talker.create_publisher(PointCloud2, "points", qos_profile_sensor_data, event_callbacks=quiet)  # what LiDAR drivers offer
+        odometry = talker.create_publisher(Odometry, "odom", QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE))
+        sent = [0]
 
-    node = PlaceRecognitionNode(context=ros_context, parameter_overrides=[
-        Parameter("place.weights", value="random"), Parameter("points_qos", value="reliable"), Parameter("scan_timeout", value=1.0)])
-    talker = __import__("rclpy").create_node("driver", context=ros_context)
-    executor = MultiThreadedExecutor(context=ros_context)
-    executor.add_node(node)
-    executor.add_node(talker)
-    statuses: list[DiagnosticStatus] = []
-    talker.create_subscription(DiagnosticArray, "/diagnostics", lambda m: statuses.extend(s for s in m.status if s.name == node.get_fully_qualified_name()), 10)
-    quiet = PublisherEventCallbacks(incompatible_qos=lambda info: None)  # rclpy's default handler logs with the deprecated warn()
-    talker.create_publisher(PointCloud2, "points", qos_profile_sensor_data, event_callbacks=quiet)  # what LiDAR drivers offer
-    odometry = talker.create_publisher(Odometry, "odom", QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE))
-    sent = [0]
+        def odometry_keeps_arriving() -> bool:
+            sent[0] += 1
+            odom = Odometry()
+            odom.header.stamp, odom.pose.pose = ns_to_stamp(sent[0] * 10**8), matrix_to_pose(np.eye(4))
+            odometry.publish(odom)
+            return bool(statuses) and "incompatible with points_qos='reliable'" in statuses[-1].message
 
-    def odometry_keeps_arriving() -> bool:
-        sent[0] += 1
-        odom = Odometry()
-        odom.header.stamp, odom.pose.pose = ns_to_stamp(sent[0] * 10**8), matrix_to_pose(np.eye(4))
-        odometry.publish(odom)
-        return bool(statuses) and "incompatible with points_qos='reliable'" in statuses[-1].message
-
-    try:
         assert spin_until(executor, odometry_keeps_arriving, 60.0), [s.message for s in statuses[-3:]]
-    finally:
-        executor.shutdown()
-        talker.destroy_node()
-        node.destroy_node()
