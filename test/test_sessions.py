@@ -222,6 +222,7 @@ def test_node_publishes_map_to_odom_only_once_the_loaded_maps_new_session_is_anc
     from bevplace_ros.msg import Keyframe, LoopClosure
     from bevplace_ros.nodes.conversions import ns_to_stamp, pose_with_covariance
     from bevplace_ros.nodes.pose_graph_node import PoseGraphNode
+    from bevplace_ros.nodes.qos import KEYFRAMES_QOS
     from bevplace_ros.srv import LoadMap
 
     import rclpy
@@ -239,7 +240,7 @@ def test_node_publishes_map_to_odom_only_once_the_loaded_maps_new_session_is_anc
     client_node.create_subscription(Bool, "localized", lambda m: localized.append(m.data), received)
     client_node.create_subscription(TransformStamped, "map_to_odom", corrections.append, received)
     reliable = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
-    keyframes = client_node.create_publisher(Keyframe, "keyframes", reliable)
+    keyframes = client_node.create_publisher(Keyframe, "keyframes", KEYFRAMES_QOS)  # the place node's QoS: the subscriber asks for transient local
     loops = client_node.create_publisher(LoopClosure, "loop_closures", reliable)
     try:
         client = client_node.create_client(LoadMap, f"{namespace}/pose_graph_node/load_graph")
