@@ -136,3 +136,102 @@ def format_report(summary: dict) -> str:
     if "ate_odometry_m" in summary:
         lines += ["", f"ATE (keyframes, SE(3)-aligned): odometry {summary['ate_odometry_m']:.3f} m -> optimised {summary['ate_optimized_m']:.3f} m"]
     return "\n".join(lines)
+
+
+# Goals of a real-time replay on the 2-core machine (issue #14)
+REALTIME_GOALS = {"keyframes_dropped": 0, "loop_latency_p95_ms": 1000.0, "place_ms_per_keyframe": 60.0, "registration_ms_per_candidate": 100.0}
+PLACE_NODE, REGISTRATION_NODE = "/place_recognition_node", "/registration_node"
+
+
+def percentiles_ms(values: list[float]) -> dict[str, float]:
+    """count, p50, p95, max (and mean) of a list of milliseconds; count 0 alone when empty."""
+    if not values:
+        return {"count": 0}
+    v = np.asarray(values, dtype=float)
+    return {"count": len(v), "mean": round(float(v.mean()), 1), "p50": round(float(np.median(v)), 1),
+            "p95": round(float(np.percentile(v, 95)), 1), "max": round(float(v.max()), 1)}
+
+
+def _counter_sum(values: dict[str, str], prefix: str, exclude: tuple[str, ...] = ()) -> int:
+    return sum(int(float(v)) for k, v in values.items() if k.startswith(prefix) and k not in exclude)
+
+
+def realtime_summary(run, rate: float) -> dict:
+    """What a real-time replay shows: per node CPU, memory and final /diagnostics counters; latency from each scan's
+    publication to its keyframe and to each loop closure on it; per-stage times; output rates; the goals.
+
+    `run` is a nodes.bag_replay.ReplayRun. Keyframes dropped: scans the place node dropped that could have been
+    keyframes (every dropped.* counter but dropped.scans_behind, which only drops scans that would not be keyframes).
+    """
+    start, end = run.playback
+    playback_s = max(end - start, 1e-9)
+    sent = {round(ns * 1e-6): wall for ns, wall in run.scan_sent.items()}  # nodes keep stamps as float seconds: match to the ms
+    loops = [(arrived - sent[ms]) * 1e3 for stamp, arrived, _ in run.closure_received if (ms := round(stamp * 1e-6)) in sent]
+    verified = [(arrived - sent[ms]) * 1e3 for stamp, arrived, ok in run.closure_received if ok and (ms := round(stamp * 1e-6)) in sent]
+    keyframes = [(run.keyframe_received[key] - sent[ms]) * 1e3 for key, stamp in run.keyframe_stamps.items()
+                 if key in run.keyframe_received and (ms := round(stamp * 1e-6)) in sent]
+    place = run.diagnostics.get(PLACE_NODE, {})
+    registration = run.diagnostics.get(REGISTRATION_NODE, {})
+    place_ms = {stat: float(place[f"latency.place_recognition.{stat}_ms"]) for stat in ("mean", "p95", "max")
+                if f"latency.place_recognition.{stat}_ms" in place}
+    registration_ms = percentiles_ms([c[4] for c in run.closures])
+    nodes = {}
+    for name in sorted(set(run.diagnostics) | {f"/{n}" for n in run.node_usage}):
+        nodes[name] = {**run.node_usage.get(name.lstrip("/"), {}), "diagnostics": run.diagnostics.get(name, {})}
+    rates = {topic: round((len(times) - 1) / (times[-1] - times[0]), 2) for topic, times in sorted(run.topic_received.items())
+             if len(times) >= 2 and times[-1] > times[0]}
+    summary = {
+        "rate": rate,
+        "playback_s": round(playback_s, 2),
+        "scans_published": run.scans_published,
+        "scan_hz": round(run.scans_published / playback_s, 2),
+        "keyframes_per_s": round(len(run.keyframe_stamps) / playback_s, 2),
+        "scans_received": _counter_sum(place, "received"),
+        "scans_processed": _counter_sum(place, "processed"),
+        "scans_dropped": _counter_sum(place, "dropped."),
+        "keyframes_dropped": _counter_sum(place, "dropped.", exclude=("dropped.scans_behind",)),
+        "candidates_dropped": _counter_sum(registration, "dropped."),
+        "shed": {f"{name}: {k}": int(float(v)) for name, values in run.diagnostics.items() for k, v in values.items() if k.startswith("shed.")},
+        "loop_latency_ms": percentiles_ms(loops),
+        "verified_loop_latency_ms": percentiles_ms(verified),
+        "keyframe_latency_ms": percentiles_ms(keyframes),
+        "place_ms_per_keyframe": place_ms,
+        "registration_ms_per_candidate": registration_ms,
+        "output_hz": rates,
+        "nodes": nodes,
+    }
+    summary["goals"] = {
+        "keyframes_dropped": [summary["keyframes_dropped"], summary["keyframes_dropped"] <= REALTIME_GOALS["keyframes_dropped"]],
+        "loop_latency_p95_ms": [summary["loop_latency_ms"].get("p95"), summary["loop_latency_ms"].get("p95", np.inf) <= REALTIME_GOALS["loop_latency_p95_ms"]],
+        "place_ms_per_keyframe (mean)": [place_ms.get("mean"), place_ms.get("mean", np.inf) <= REALTIME_GOALS["place_ms_per_keyframe"]],
+        "registration_ms_per_candidate (p50)": [registration_ms.get("p50"), registration_ms.get("p50", np.inf) <= REALTIME_GOALS["registration_ms_per_candidate"]],
+    }
+    return summary
+
+
+def format_realtime(rt: dict) -> str:
+    """The real-time table: input, per node CPU / memory / problem counters, latencies, output rates, goals."""
+    lines = [
+        f"real time x{rt['rate']:g}: {rt['scans_published']} scans in {rt['playback_s']:.1f} s ({rt['scan_hz']:.1f} Hz), "
+        f"keyframes {rt['keyframes_per_s']:.1f}/s; place node received {rt['scans_received']}, processed {rt['scans_processed']}, "
+        f"dropped {rt['scans_dropped']} (keyframes {rt['keyframes_dropped']}); candidates dropped {rt['candidates_dropped']}",
+        "",
+        f"{'node':<26}{'cpu %':>8}{'cpu s':>8}{'after s':>9}{'peak MiB':>10}  problems (dropped.*, skipped.*, shed.*, lost)",
+    ]
+    for name, node in rt["nodes"].items():
+        problems = ", ".join(f"{k} {v}" for k, v in node["diagnostics"].items()
+                             if k.startswith(("dropped.", "skipped.", "shed.", "lost")) and v not in ("0", "0.0")) or "none"
+        usage = [f"{node[k]:>{w}.1f}" if k in node else f"{'-':>{w}}" for k, w in (("cpu_percent", 8), ("cpu_s", 8), ("cpu_s_after_input", 9), ("peak_rss_mib", 10))]
+        lines.append(f"{name.lstrip('/'):<26}{''.join(usage)}  {problems}")
+    lines += ["", f"{'latency [ms]':<36}{'count':>7}{'p50':>9}{'p95':>9}{'max':>9}"]
+    for label, key in (("scan -> loop closure (any)", "loop_latency_ms"), ("scan -> verified loop closure", "verified_loop_latency_ms"),
+                       ("scan -> keyframe", "keyframe_latency_ms"), ("registration per candidate", "registration_ms_per_candidate")):
+        stats = rt[key]
+        lines.append(f"{label:<36}{stats['count']:>7}" + "".join(f"{stats[s]:>9.1f}" if s in stats else f"{'-':>9}" for s in ("p50", "p95", "max")))
+    place = rt["place_ms_per_keyframe"]
+    if place:
+        lines.append(f"{'place per keyframe (mean, /diagnostics)':<36}{'':>7}{place.get('mean', float('nan')):>9.1f}"
+                     f"{place.get('p95', float('nan')):>9.1f}{place.get('max', float('nan')):>9.1f}")
+    lines += ["", "output rates [Hz]: " + (", ".join(f"{t} {hz:.2f}" for t, hz in rt["output_hz"].items()) or "none"),
+              "goals: " + "; ".join(f"{name} {value} {'met' if ok else 'NOT met'}" for name, (value, ok) in rt["goals"].items())]
+    return "\n".join(lines)

@@ -12,6 +12,15 @@ import numpy as np
 from bevplace_ros.datasets.rosbag2 import sensor_mount
 
 
+def header_stamp_ns(raw: bytes) -> int:
+    """The header stamp of a serialised message that starts with a std_msgs/Header (PointCloud2, Odometry), read
+    from the CDR bytes without decoding the rest: a 4-byte encapsulation, then int32 sec and uint32 nanosec."""
+    if len(raw) < 12 or raw[1] not in (0, 1):
+        raise ValueError(f"not a CDR message with a header ({len(raw)} bytes)")
+    order = "little" if raw[1] == 1 else "big"
+    return int.from_bytes(raw[4:8], order, signed=True) * 10**9 + int.from_bytes(raw[8:12], order)
+
+
 class BagInput:
     """The scans and odometry of one bag, in an order that never makes a node extrapolate odometry."""
 

@@ -5,8 +5,11 @@ scan waits for the pipeline to settle), so a run gives the same result at any ma
 a rate it replays on the bag's clock instead. External mode only publishes and records, for nodes
 started as separate processes; its lock-step waits on what the nodes publish (each scan's keyframe,
 one closure per candidate, a path holding every keyframe), so it too never depends on timing.
-In-process runs use a DDS domain of their own, so no other ROS traffic on the machine mixes in.
-Every output topic is recorded into a new rosbag2.
+Process mode starts the three nodes as separate processes, as the launch file does, and measures each one's
+CPU and memory (node_processes.py) while the bag plays on its own clock: the real-time check.
+In-process and process-mode runs use a DDS domain of their own, so no other ROS traffic on the machine mixes in.
+Every output topic is recorded into a new rosbag2, and every wall time a real-time report needs (when each scan
+went out, when each keyframe and loop closure came back, each node's latest /diagnostics) is kept.
 """
 
 from __future__ import annotations
@@ -51,9 +54,15 @@ class ReplayOptions:
     save_map: Path | None = None  # folder for the nodes' state at the end
     overrides: tuple[str, ...] = ()  # extra "name:=value" parameters for every node
     progress: bool = True
-    # None: in-process, a domain private to this replay (other ROS traffic on the machine, another replay say,
-    # would otherwise mix into the run); external, the environment's ROS_DOMAIN_ID, which the nodes share.
+    # None: in-process or processes, a domain private to this replay (other ROS traffic on the machine, another replay
+    # say, would otherwise mix into the run); external, the environment's ROS_DOMAIN_ID, which the nodes share.
     domain_id: int | None = None
+    processes: bool = False  # start the three nodes as separate processes, as the launch file does (needs in_process False)
+    node_logs: Path | None = None  # processes: folder of the nodes' logs (default: beside `record`, else a temporary one)
+
+    def __post_init__(self) -> None:
+        if self.processes and self.in_process:
+            raise ValueError("ReplayOptions: processes=True starts the nodes as processes; set in_process=False")
 
 
 @dataclass
@@ -72,6 +81,14 @@ class ReplayRun:
     map_poses: dict[int, np.ndarray] = field(default_factory=dict)  # T_map_k of every anchored graph keyframe; in-process only
     anchorings: dict[int, Any] = field(default_factory=dict)  # session -> pose_graph.Anchoring; in-process only
     wall_s: float = 0.0
+    # wall times (time.perf_counter) for the real-time report
+    scan_sent: dict[int, float] = field(default_factory=dict)  # scan header stamp ns -> when it was published
+    keyframe_received: dict[int, float] = field(default_factory=dict)  # keyframe id -> when its message arrived
+    closure_received: list[tuple[int, float, bool]] = field(default_factory=list)  # (query stamp ns, arrival, verified)
+    topic_received: dict[str, list[float]] = field(default_factory=dict)  # output topic -> arrival of each message
+    playback: tuple[float, float] = (0.0, 0.0)  # first and last message published
+    diagnostics: dict[str, dict[str, str]] = field(default_factory=dict)  # node -> its latest /diagnostics values
+    node_usage: dict[str, dict[str, float]] = field(default_factory=dict)  # processes: node -> CPU and memory
 
 
 def replay(options: ReplayOptions) -> ReplayRun:
@@ -80,6 +97,7 @@ def replay(options: ReplayOptions) -> ReplayRun:
     from rclpy.executors import MultiThreadedExecutor
 
     from bevplace_ros.nodes.bag_io import BagInput
+    from bevplace_ros.nodes.node_processes import NodeProcesses
     from bevplace_ros.nodes.runtime import use_large_cloud_profile
 
     use_large_cloud_profile()  # LiDAR-size clouds must reach --external nodes too
@@ -90,8 +108,13 @@ def replay(options: ReplayOptions) -> ReplayRun:
     mount = bag.base_to_sensor()
     for item in (f"base_to_sensor:={list(map(float, mount))}", *options.overrides):
         args += ["-p", item]
+    domain = replay_domain(options)
+    processes = None
+    if options.processes:  # as launch/bevplace.launch.py: params file, remapped inputs, the large-cloud profile
+        remaps = ["-r", f"points:={options.points_topic}", "-r", f"odom:={options.odom_topic}", "-p", "use_sim_time:=false"]
+        processes = NodeProcesses(args + remaps, domain, _node_log_dir(options)).__enter__()
     context = Context()
-    rclpy.init(args=args, context=context, domain_id=replay_domain(options))
+    rclpy.init(args=args, context=context, domain_id=domain)
     executor = MultiThreadedExecutor(num_threads=4, context=context)
     nodes = _start_nodes(context) if options.in_process else []
     player = rclpy.create_node("bag_replay", context=context)
@@ -99,12 +122,19 @@ def replay(options: ReplayOptions) -> ReplayRun:
     recorder = _Recorder(player, options.record, run, bag)
     for node in [*nodes, player]:
         executor.add_node(node)
-    spinner = _Spinner(executor)
+    spinner = _Spinner(executor, processes.check if processes else None)
     start = time.perf_counter()
     try:
         _play(bag, player, nodes, recorder, options, run, spinner)
         run.wall_s = time.perf_counter() - start
+        if processes:
+            _wait(lambda: _diagnostics_settled(run), 600.0, "the node processes to finish (their /diagnostics)", spinner)
+            recorder.await_fresh_diagnostics(spinner)
+            processes.sample()
+            run.node_usage = processes.usage(*run.playback)
     finally:
+        if processes:
+            processes.stop()
         executor.shutdown(timeout_sec=5.0)
         for node in nodes:
             node.destroy_node()
@@ -122,8 +152,8 @@ def replay(options: ReplayOptions) -> ReplayRun:
 
 
 def replay_domain(options: ReplayOptions) -> int | None:
-    """The DDS domain of a replay: the chosen one, a private one in-process (from the pid), else the environment's."""
-    if options.domain_id is not None or not options.in_process:
+    """The DDS domain of a replay: the chosen one, a private one for nodes it starts (from the pid), else the environment's."""
+    if options.domain_id is not None or not (options.in_process or options.processes):
         return options.domain_id
     return 1 + os.getpid() % 100  # not 0, where ROS tools talk by default; within 0-101, where Fast DDS ports are safe on Linux
 
@@ -136,10 +166,35 @@ def _start_nodes(context) -> list[Any]:
     return [PlaceRecognitionNode(context=context), RegistrationNode(context=context), PoseGraphNode(context=context)]
 
 
-class _Spinner:
-    """Spins the executor on a thread and keeps the first callback error, so waits end at once."""
+def _node_log_dir(options: ReplayOptions) -> Path:
+    import tempfile
 
-    def __init__(self, executor) -> None:
+    if options.node_logs is not None:
+        return Path(options.node_logs)
+    return Path(options.record).parent / "node_logs" if options.record else Path(tempfile.mkdtemp(prefix="bevplace_node_logs_"))
+
+
+def _diagnostics_settled(run: ReplayRun) -> bool:
+    """Every scan the place node received is handled or dropped, and registration answered or dropped every candidate."""
+    place, registration = run.diagnostics.get("/place_recognition_node"), run.diagnostics.get("/registration_node")
+    if place is None or registration is None:
+        return False
+
+    def count(values: dict[str, str], *keys: str) -> int:
+        """Sum of the counters named, or starting with a name ending in '.' (every dropped.* or shed.*)."""
+        return sum(int(float(v)) for k, v in values.items() if k in keys or any(p.endswith(".") and k.startswith(p) for p in keys))
+
+    return (count(place, "handled", "dropped.") >= count(place, "received")
+            and count(registration, "candidates", "dropped.", "shed.") >= count(place, "candidates")
+            and count(registration, "keyframes") >= count(place, "keyframes"))
+
+
+class _Spinner:
+    """Spins the executor on a thread and keeps the first callback error, so waits end at once; `also_check` raises
+    when something else the replay depends on failed (a node process that exited)."""
+
+    def __init__(self, executor, also_check: Callable[[], None] | None = None) -> None:
+        self.also_check = also_check
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._spin, args=(executor,), daemon=True)
         self._thread.start()
@@ -153,10 +208,14 @@ class _Spinner:
     def check(self) -> None:
         if self.error is not None:
             raise RuntimeError(f"a node callback failed: {type(self.error).__name__}: {self.error}") from self.error
+        if self.also_check is not None:
+            self.also_check()
 
 
 def _play(bag, player, nodes, recorder, options: ReplayOptions, run: ReplayRun, spinner: _Spinner) -> None:
     from nav_msgs.msg import Odometry
+
+    from bevplace_ros.nodes.bag_io import header_stamp_ns
     from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
     from sensor_msgs.msg import PointCloud2
 
@@ -176,6 +235,7 @@ def _play(bag, player, nodes, recorder, options: ReplayOptions, run: ReplayRun, 
     odom_sent = 0
     odom_since_scan: list[Any] = []  # re-sent with a lost scan in external lock-step
     wall0, bag0 = time.perf_counter(), None
+    first_sent = None
     for kind, stamp_ns, raw in bag.messages_lidar_after_odometry():
         if kind == "points":
             seen += 1
@@ -188,6 +248,7 @@ def _play(bag, player, nodes, recorder, options: ReplayOptions, run: ReplayRun, 
             delay = (stamp_ns - bag0) * 1e-9 / options.rate - (time.perf_counter() - wall0)
             time.sleep(max(delay, 0.0))
         recorder.now_ns = stamp_ns
+        first_sent = time.perf_counter() if first_sent is None else first_sent
         if kind == "odom":
             odom.publish(raw)
             odom_since_scan.append(raw)
@@ -198,6 +259,7 @@ def _play(bag, player, nodes, recorder, options: ReplayOptions, run: ReplayRun, 
         if nodes and options.rate <= 0:
             _wait(lambda: nodes[0].odometry_received >= odom_sent, 30.0, "odometry to reach place_recognition_node", spinner)
         points.publish(raw)
+        run.scan_sent[header_stamp_ns(raw)] = time.perf_counter()
         run.scans_published += 1
         progress(run)
         if nodes and options.rate <= 0:
@@ -208,6 +270,7 @@ def _play(bag, player, nodes, recorder, options: ReplayOptions, run: ReplayRun, 
             _await_keyframe(run.scans_published, lambda: [publisher.publish(m) for publisher, m in resend], recorder, spinner)
             _wait(recorder.closures_caught_up, 300.0, "registration_node to answer every loop candidate", spinner)
         odom_since_scan.clear()
+    run.playback = (first_sent or time.perf_counter(), time.perf_counter())
     if nodes:
         _wait(lambda: nodes[0].idle() and _settled(nodes, recorder), 600.0, "the pipeline to finish", spinner)
     elif options.rate <= 0:
@@ -333,6 +396,10 @@ class _Recorder:
                              durability=DurabilityPolicy.TRANSIENT_LOCAL if latched else DurabilityPolicy.VOLATILE)
             cls = message_class(msgtype)
             self._subscriptions.append(node.create_subscription(cls, topic, self._callback(topic, cls), qos, raw=True))
+        from diagnostic_msgs.msg import DiagnosticArray
+
+        self._diagnostics_seen: dict[str, int] = {}  # node -> statuses received
+        node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 50)
 
     def connected(self) -> bool:
         return all(s.get_publisher_count() > 0 for s in self._subscriptions if s.topic_name.lstrip("/") in ("keyframes", "loop_closures"))
@@ -351,6 +418,25 @@ class _Recorder:
         with self._lock:
             return set(self.run.keyframe_stamps) <= set(self.run.optimized)
 
+    def await_fresh_diagnostics(self, spinner: "_Spinner", statuses: int = 2, timeout_s: float = 30.0) -> None:
+        """Until every node that reported has sent `statuses` more (1 Hz), so the counters kept are the final ones."""
+        with self._lock:
+            target = {name: seen + statuses for name, seen in self._diagnostics_seen.items()}
+
+        def fresh() -> bool:
+            with self._lock:
+                return all(self._diagnostics_seen[name] >= n for name, n in target.items())
+
+        _wait(fresh, timeout_s, "fresh /diagnostics from every node", spinner)
+
+    def _on_diagnostics(self, msg) -> None:
+        from bevplace_ros.nodes.diagnostics import status_values
+
+        with self._lock:
+            for status in msg.status:
+                self.run.diagnostics[status.name] = status_values(status)
+                self._diagnostics_seen[status.name] = self._diagnostics_seen.get(status.name, 0) + 1
+
     def wait_quiet(self, quiet_s: float) -> None:
         while time.monotonic() - self._last < quiet_s:
             time.sleep(0.1)
@@ -358,9 +444,17 @@ class _Recorder:
     def _callback(self, topic: str, cls) -> Callable[[bytes], None]:
         from rclpy.serialization import deserialize_message
 
+        from bevplace_ros.nodes.conversions import stamp_to_ns
+
         def record(raw: bytes) -> None:
             msg = deserialize_message(raw, cls)
+            arrived = time.perf_counter()
             with self._lock:
+                self.run.topic_received.setdefault(topic, []).append(arrived)
+                if topic == "keyframes":
+                    self.run.keyframe_received[int(msg.id)] = arrived
+                elif topic == "loop_closures":
+                    self.run.closure_received.append((stamp_to_ns(msg.query_stamp), arrived, bool(msg.verified)))
                 if self._writer is not None:
                     self._writer.write(topic, self.now_ns, raw)
                 self._decode(topic, msg)

@@ -10,7 +10,7 @@ from bevplace_ros.sim.sequence import SequenceConfig
 from bevplace_ros.sim.trajectory import TrajectoryConfig
 from bevplace_ros.sim.world import WorldConfig
 
-PRESETS = ("demo", "random")
+PRESETS = ("demo", "random", "drive_10hz")
 
 # Two suburban blocks side by side: a lap of the left block, the first edge again (same direction,
 # maybe another lane), a lap of the right block whose last edge runs back down the shared road
@@ -30,6 +30,18 @@ def preset_config(name: str, seed: int = 0) -> SequenceConfig:
             trajectory=TrajectoryConfig(route=DEMO_ROUTE, speed_mps=10.0, lane_offsets_m=(1.25, 2.25), seed=seed),
             odometry=OdometryConfig(seed=seed),
             keyframe_every=4,
+            seed=seed,
+        )
+    if name == "drive_10hz":
+        # What a car with a 64-beam LiDAR records: every 10 Hz sweep of an HDL-64E-like sensor
+        # (+2..-24.8 deg, 2048 columns: ~120k points, 2.7 MB a cloud) over a seeded ~2.1 km random walk
+        # at 10 m/s through 3 x 3 suburban blocks, which revisits roads in both directions.
+        return SequenceConfig(
+            world=WorldConfig(seed=seed, style="suburban", blocks_x=3, blocks_y=3, ground_float32=True),
+            lidar=LidarConfig(beams=64, columns=2048, fov_up_deg=2.0, fov_down_deg=-24.8, max_range_m=120.0),
+            trajectory=TrajectoryConfig(length_m=2100.0, speed_mps=10.0, lane_offsets_m=(1.25, 2.25), seed=seed),
+            odometry=OdometryConfig(seed=seed),
+            keyframe_every=1,
             seed=seed,
         )
     if name == "random":

@@ -105,9 +105,10 @@ def ray_ground(o: np.ndarray, d: np.ndarray, ground: Ground, t_min: float, t_max
     hit = (hi > lo) & (f_hi < 0) & (f_lo >= 0)
     t = np.full(len(o), np.inf)
     t[hit] = _illinois(lambda x, rays: above(x[:, None], rays)[:, 0], np.flatnonzero(hit), lo[hit], hi[hit], f_lo[hit], f_hi[hit])
-    p = o + np.where(hit, t, 0.0)[:, None] * d
-    grad = ground.gradient(p[:, :2])
-    normal = np.column_stack([-grad, np.ones(len(o))])
+    normal = np.zeros((len(o), 3))
+    normal[:, 2] = 1.0  # rays that miss the ground keep no normal of it (only hits are ever shaded)
+    p = o[hit] + t[hit, None] * d[hit]
+    normal[hit, :2] = -ground.gradient(p[:, :2])
     return t, normal / np.linalg.norm(normal, axis=1, keepdims=True)
 
 
