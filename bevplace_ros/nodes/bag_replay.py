@@ -92,9 +92,7 @@ class ReplayRun:
 
 
 def replay(options: ReplayOptions) -> ReplayRun:
-    import rclpy
-    from rclpy.context import Context
-    from rclpy.executors import MultiThreadedExecutor
+    from contextlib import nullcontext
 
     from bevplace_ros.nodes.bag_io import BagInput
     from bevplace_ros.nodes.node_processes import NodeProcesses
@@ -109,10 +107,26 @@ def replay(options: ReplayOptions) -> ReplayRun:
     for item in (f"base_to_sensor:={list(map(float, mount))}", *options.overrides):
         args += ["-p", item]
     domain = replay_domain(options)
-    processes = None
-    if options.processes:  # as launch/bevplace.launch.py: params file, remapped inputs, the large-cloud profile
-        remaps = ["-r", f"points:={options.points_topic}", "-r", f"odom:={options.odom_topic}", "-p", "use_sim_time:=false"]
-        processes = NodeProcesses(args + remaps, domain, _node_log_dir(options)).__enter__()
+    remaps = ["-r", f"points:={options.points_topic}", "-r", f"odom:={options.odom_topic}", "-p", "use_sim_time:=false"]
+    # as launch/bevplace.launch.py starts them: params file, remapped inputs, the large-cloud profile; stopped on any exit
+    with NodeProcesses(args + remaps, domain, _node_log_dir(options)) if options.processes else nullcontext() as processes:
+        run, nodes = _run(bag, args, domain, options, processes)
+    if nodes:  # from the graph itself once nothing runs: the last recorded path may be one update behind
+        graph = nodes[2].graph
+        run.graph_loops = {(loop.query_key, loop.match_key) for loop in graph.loops()}
+        run.sessions, run.map_poses, run.anchorings = graph.sessions(), graph.optimized_poses(), graph.anchorings()
+        run.optimized = run.map_poses
+        run.latency_ms = {"place_recognition": list(nodes[0].latency_ms), "registration": [c[4] for c in run.closures],
+                          "pose_graph": list(nodes[2].latency_ms)}
+    return run
+
+
+def _run(bag, args: list[str], domain: int | None, options: ReplayOptions, processes) -> tuple[ReplayRun, list[Any]]:
+    """Player, recorder (and in-process nodes) on one executor; the run and the in-process nodes, destroyed."""
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.executors import MultiThreadedExecutor
+
     context = Context()
     rclpy.init(args=args, context=context, domain_id=domain)
     executor = MultiThreadedExecutor(num_threads=4, context=context)
@@ -133,22 +147,13 @@ def replay(options: ReplayOptions) -> ReplayRun:
             processes.sample()
             run.node_usage = processes.usage(*run.playback)
     finally:
-        if processes:
-            processes.stop()
         executor.shutdown(timeout_sec=5.0)
         for node in nodes:
             node.destroy_node()
         recorder.close()
         player.destroy_node()
         context.try_shutdown()
-    if nodes:  # from the graph itself once nothing runs: the last recorded path may be one update behind
-        graph = nodes[2].graph
-        run.graph_loops = {(loop.query_key, loop.match_key) for loop in graph.loops()}
-        run.sessions, run.map_poses, run.anchorings = graph.sessions(), graph.optimized_poses(), graph.anchorings()
-        run.optimized = run.map_poses
-        run.latency_ms = {"place_recognition": list(nodes[0].latency_ms), "registration": [c[4] for c in run.closures],
-                          "pose_graph": list(nodes[2].latency_ms)}
-    return run
+    return run, nodes
 
 
 def replay_domain(options: ReplayOptions) -> int | None:
