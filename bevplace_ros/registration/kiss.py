@@ -1,69 +1,81 @@
-"""KISS-Matcher (Lim et al., ICRA 2025; PyPI `kiss-matcher`) as the field baseline for global registration.
+"""KISS-Matcher (Lim et al., ICRA 2025; PyPI `kiss-matcher`): graph-theoretic outlier pruning + GNC on cached features.
 
-Faster-PFH + graph-theoretic outlier pruning + GNC in C++. Its descriptors live inside the C++ matcher
-and cannot be handed back, so only its input (the cloud voxelised at `voxel`) is cached per keyframe;
-Faster-PFH runs again for every pair.
+The library's own `estimate` recomputes Faster-PFH for both clouds on every pair (its descriptors stay in
+C++). Here the FPFH of each keyframe is computed once with the same recipe (`fpfh.radius_fpfh`, radii of
+3 and 5 voxels) and cached on the prepared cloud; a pair costs the mutual matching plus KISS-Matcher's
+`prune_and_solve` (ROBIN max-core pruning + GNC-TLS) on those matches.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from bevplace_ros.registration.fpfh import FpfhConfig, mutual_topk, radius_fpfh
 from bevplace_ros.registration.preprocess import PreparedCloud, voxel_representatives
 
 
 @dataclass(frozen=True)
 class KissConfig:
-    """Voxel of the matcher's input; its normal/FPFH radii and noise bounds scale with it (library gains)."""
+    """KISS-Matcher's voxel (its pruning and solver noise bounds scale with it) and the cached FPFH's radii."""
 
-    voxel: float = 1.0  # metres; 0.5 m is as accurate after GICP on the KITTI pairs and ~2x slower
+    voxel: float = 1.0  # metres; the fine points (1.0 m voxel representatives) are the keypoints
+    fpfh: FpfhConfig = field(default_factory=FpfhConfig)
+    mutual_k: int = 1  # a match must be among each other's k most similar descriptors
+    inlier_distance: float = 1.5  # metres; a match agrees with the solved pose this close (two 1 m voxels of slack)
 
     def __post_init__(self) -> None:
-        if not self.voxel > 0:
-            raise ValueError(f"KissConfig.voxel must be > 0, got {self.voxel}")
+        if self.mutual_k < 1:
+            raise ValueError(f"KissConfig.mutual_k must be >= 1, got {self.mutual_k}")
+        if not self.voxel > 0 or not self.inlier_distance > 0:
+            raise ValueError(f"KissConfig.voxel and inlier_distance must be > 0, got {self.voxel}, {self.inlier_distance}")
 
 
 @dataclass(frozen=True)
 class KissEstimate:
     transform: np.ndarray  # (4, 4) T_target_source, before GICP
     valid: bool
-    num_inliers: int  # correspondences consistent with the final translation
-    inlier_ratio: float  # pruned (mutually consistent) share of the initial correspondences
-    num_correspondences: int  # initial Faster-PFH correspondences
-    src_matched: np.ndarray  # (C, 3) initial correspondences, source side
+    inliers: np.ndarray  # (C,) bool: matches within inlier_distance of the solved pose
+    inlier_ratio: float  # their share of the mutual matches
+    num_correspondences: int  # mutual FPFH matches
+    src_matched: np.ndarray  # (C, 3) mutual matches, source side
     tgt_matched: np.ndarray  # (C, 3)
-    match_ms: float  # Faster-PFH extraction + matching (per pair: not cacheable)
+    match_ms: float  # mutual matching of the cached descriptors
     pose_ms: float  # pruning + GNC solve
 
 
-def kiss_points(cloud: PreparedCloud, cfg: KissConfig) -> np.ndarray:
-    """The matcher's float32 input, cached on the prepared cloud."""
-    key = f"kiss_points_{cfg.voxel}"
+def kiss_features(cloud: PreparedCloud, cfg: KissConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(keypoints, descriptors) of the cloud voxelised at `cfg.voxel`, computed once and cached on the prepared cloud."""
+    key = f"kiss_fpfh_{cfg.voxel}_{cfg.fpfh}"
     if key not in cloud.features:
-        idx = voxel_representatives(cloud.gicp_points, cfg.voxel)
-        cloud.features[key] = np.ascontiguousarray(cloud.gicp_points[idx], dtype=np.float32)
+        points = cloud.gicp_points[voxel_representatives(cloud.gicp_points, cfg.voxel)]
+        cloud.features[key] = radius_fpfh(points, cfg.fpfh)
     return cloud.features[key]
 
 
 def kiss_estimate(src: PreparedCloud, tgt: PreparedCloud, cfg: KissConfig) -> KissEstimate:
-    """One KISS-Matcher run on the cached voxelised clouds."""
+    """Mutual matches of the cached descriptors, then KISS-Matcher's pruning + solver."""
     import kiss_matcher
 
-    matcher = kiss_matcher.KISSMatcher(kiss_matcher.KISSMatcherConfig(voxel_size=cfg.voxel, use_voxel_sampling=False))
-    solution = matcher.estimate(kiss_points(src, cfg), kiss_points(tgt, cfg))
-    transform = np.eye(4)
-    transform[:3, :3] = np.asarray(solution.rotation, dtype=np.float64)
-    transform[:3, 3] = np.asarray(solution.translation, dtype=np.float64).ravel()
-    initial = len(matcher.get_initial_correspondences())
-    src_kp, tgt_kp = (np.asarray(side, dtype=np.float64).reshape(-1, 3) for side in
-                      matcher.get_keypoints_from_initial_matching())
-    valid = bool(solution.valid) and bool(np.isfinite(transform).all())
+    (src_kp, src_desc), (tgt_kp, tgt_desc) = kiss_features(src, cfg), kiss_features(tgt, cfg)
+    start = time.perf_counter()
+    ia, ib = mutual_topk(src_desc, tgt_desc, cfg.mutual_k)
+    src_m, tgt_m = src_kp[ia].astype(np.float64), tgt_kp[ib].astype(np.float64)
+    matched = time.perf_counter()
+    transform, valid = np.eye(4), False
+    if len(ia) >= 3:  # the solver needs 3 non-collinear matches
+        matcher = kiss_matcher.KISSMatcher(kiss_matcher.KISSMatcherConfig(voxel_size=cfg.voxel, use_voxel_sampling=False))
+        solution = matcher.prune_and_solve(list(src_m.astype(np.float32)), list(tgt_m.astype(np.float32)))
+        transform[:3, :3] = np.asarray(solution.rotation, dtype=np.float64)
+        transform[:3, 3] = np.asarray(solution.translation, dtype=np.float64).ravel()
+        valid = bool(solution.valid) and bool(np.isfinite(transform).all())
+        transform = transform if valid else np.eye(4)
+    residual = np.linalg.norm(src_m @ transform[:3, :3].T + transform[:3, 3] - tgt_m, axis=1)
+    inliers = (residual < cfg.inlier_distance) & valid
     return KissEstimate(
-        transform=transform if valid else np.eye(4), valid=valid, num_inliers=int(matcher.get_num_final_inliers()),
-        inlier_ratio=len(matcher.get_final_correspondences()) / initial if initial else 0.0,
-        num_correspondences=initial, src_matched=src_kp, tgt_matched=tgt_kp,
-        match_ms=(matcher.get_extraction_time() + matcher.get_matching_time()) * 1e3,
-        pose_ms=(matcher.get_rejection_time() + matcher.get_solver_time()) * 1e3,
+        transform=transform, valid=valid, inliers=inliers, inlier_ratio=float(inliers.mean()) if len(ia) else 0.0,
+        num_correspondences=len(ia), src_matched=src_m, tgt_matched=tgt_m,
+        match_ms=(matched - start) * 1e3, pose_ms=(time.perf_counter() - matched) * 1e3,
     )

@@ -22,7 +22,7 @@ from bevplace_ros.registration.preprocess import (
     PreprocessConfig,
     prepare_cloud,
 )
-from bevplace_ros.registration.refine import RefineConfig, gicp_refine
+from bevplace_ros.registration.refine import RefineConfig, coarse_source, gicp_refine
 from bevplace_ros.registration.verification import VerificationConfig, verify
 
 
@@ -132,7 +132,7 @@ class Registrar:
             self.model, self.meta = load_model(self.cfg.weights, self.device)
 
     def preprocess(self, points: np.ndarray, name: str = "points") -> PreparedCloud:
-        """Voxelise, estimate normals, pick superpoints and (network) encode; the result is cacheable."""
+        """Voxelise, estimate normals, pick superpoints, the method's features and GICP's sparse source; cacheable."""
         import torch
 
         cloud = prepare_cloud(points, self.cfg.preprocess, name)
@@ -144,6 +144,8 @@ class Registrar:
                 cloud.features["encoded"] = encode_arrays(self.model, cloud.arrays(), self.device)
         else:
             self._classical_features(cloud)
+        if self.cfg.refine.enabled:
+            coarse_source(cloud, self.cfg.refine)
         cloud.timings["features"] = (time.perf_counter() - start) * 1e3
         return cloud
 
@@ -178,9 +180,9 @@ class Registrar:
     def _classical_features(self, cloud: PreparedCloud) -> None:
         """What the classical method needs from one cloud, cached on it (FPFH, or KISS-Matcher's voxelised input)."""
         if self.cfg.classical == "kiss_matcher":
-            from bevplace_ros.registration.kiss import kiss_points
+            from bevplace_ros.registration.kiss import kiss_features
 
-            kiss_points(cloud, self.cfg.kiss)
+            kiss_features(cloud, self.cfg.kiss)
         else:
             from bevplace_ros.registration.fpfh import cloud_fpfh
 
@@ -252,7 +254,7 @@ class Registrar:
 
     def _kiss(self, src: PreparedCloud, tgt: PreparedCloud, timings: dict[str, float]
               ) -> tuple[PoseEstimate | None, "torch.Tensor", "torch.Tensor"]:
-        """KISS-Matcher's pose as a PoseEstimate; its matched points carry the inlier mask (for the no-GICP Hessian)."""
+        """KISS-Matcher's pose as a PoseEstimate with the inlier mask over its matches (for the no-GICP Hessian)."""
         import torch
 
         from bevplace_ros.registration.kiss import kiss_estimate
@@ -263,11 +265,8 @@ class Registrar:
         tgt_pts = torch.as_tensor(out.tgt_matched, dtype=torch.float64)
         if not out.valid:
             return None, src_pts, tgt_pts
-        transform = torch.as_tensor(out.transform)
-        moved = src_pts @ transform[:3, :3].T + transform[:3, 3]
-        inliers = torch.linalg.norm(moved - tgt_pts, dim=1) < self.cfg.pose.inlier_distance
-        return PoseEstimate(transform=transform, inliers=inliers, inlier_ratio=out.inlier_ratio,
-                            num_hypotheses=1), src_pts, tgt_pts
+        return PoseEstimate(transform=torch.as_tensor(out.transform), inliers=torch.as_tensor(out.inliers),
+                            inlier_ratio=out.inlier_ratio, num_hypotheses=1), src_pts, tgt_pts
 
     def _network_correspondences(self, src: PreparedCloud, tgt: PreparedCloud) -> Correspondences:
         import torch
