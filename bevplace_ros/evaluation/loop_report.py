@@ -200,6 +200,13 @@ def realtime_summary(run, rate: float) -> dict:
         "output_hz": rates,
         "nodes": nodes,
     }
+    # cores each stage needs to keep up with this input: arrivals per second x time per item (mean)
+    candidates_per_s = _counter_sum(place, "candidates") / playback_s
+    summary["core_demand"] = {
+        "place_recognition": round(summary["keyframes_per_s"] * place_ms.get("mean", 0.0) / 1e3, 2),
+        "registration": round(candidates_per_s * registration_ms.get("mean", 0.0) / 1e3, 2),
+        "candidates_per_s": round(candidates_per_s, 2),
+    }
     summary["goals"] = {
         "keyframes_dropped": [summary["keyframes_dropped"], summary["keyframes_dropped"] <= REALTIME_GOALS["keyframes_dropped"]],
         "loop_latency_p95_ms": [summary["loop_latency_ms"].get("p95"), summary["loop_latency_ms"].get("p95", np.inf) <= REALTIME_GOALS["loop_latency_p95_ms"]],
@@ -232,6 +239,9 @@ def format_realtime(rt: dict) -> str:
     if place:
         lines.append(f"{'place per keyframe (mean, /diagnostics)':<36}{'':>7}{place.get('mean', float('nan')):>9.1f}"
                      f"{place.get('p95', float('nan')):>9.1f}{place.get('max', float('nan')):>9.1f}")
+    demand = rt["core_demand"]
+    lines += ["", f"cores needed to keep up: place {demand['place_recognition']:.2f} ({rt['keyframes_per_s']:.1f} keyframes/s x mean time), "
+                  f"registration {demand['registration']:.2f} ({demand['candidates_per_s']:.1f} candidates/s published x mean time)"]
     lines += ["", "output rates [Hz]: " + (", ".join(f"{t} {hz:.2f}" for t, hz in rt["output_hz"].items()) or "none"),
               "goals: " + "; ".join(f"{name} {value} {'met' if ok else 'NOT met'}" for name, (value, ok) in rt["goals"].items())]
     return "\n".join(lines)
