@@ -34,14 +34,19 @@ class KeyframeSelector:
         self.travelled = 0.0  # odometry path length through the accepted keyframes [m]
 
     def accept(self, stamp: float, pose: np.ndarray) -> bool:
+        if not self.due(stamp, pose):
+            return False
+        return self._take(stamp, pose, 0.0 if self._last_pose is None else float(np.linalg.norm((invert(self._last_pose) @ pose)[:3, 3])))
+
+    def due(self, stamp: float, pose: np.ndarray) -> bool:
+        """Whether accept() would take the scan, without taking it: the place node checks a due scan's BEV first."""
         if self._last_pose is None:
-            return self._take(stamp, pose, 0.0)
+            return True
         delta = invert(self._last_pose) @ pose
-        distance = float(np.linalg.norm(delta[:3, 3]))
-        far = distance >= self.cfg.min_distance > 0
+        far = float(np.linalg.norm(delta[:3, 3])) >= self.cfg.min_distance > 0
         turned = rotation_error_deg(delta, np.eye(4)) >= self.cfg.min_rotation_deg > 0
         stale = stamp - self._last_stamp >= self.cfg.max_interval > 0
-        return self._take(stamp, pose, distance) if (far or turned or stale) else False
+        return far or turned or stale
 
     def _take(self, stamp: float, pose: np.ndarray, distance: float) -> bool:
         self._last_pose, self._last_stamp = pose, stamp

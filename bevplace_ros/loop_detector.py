@@ -100,11 +100,16 @@ class LoopDetector:
     def next_id(self) -> int:
         return max(self.positions, default=-1) + 1
 
-    def add_keyframe(self, stamp: float, points: np.ndarray, odom_pose: np.ndarray) -> DetectedKeyframe:
-        """Describe the scan (the keyframe's only network pass), find loop candidates among earlier keyframes, then store it."""
+    def add_keyframe(self, stamp: float, points: np.ndarray, odom_pose: np.ndarray, bev: np.ndarray | None = None,
+                     detection: LoopDetectorConfig | None = None) -> DetectedKeyframe:
+        """Describe the scan (the keyframe's only network pass), find loop candidates among earlier keyframes, then store it.
+
+        `bev`: the scan's BEV image where the caller made it already (the place node checks it first);
+        `detection`: this keyframe's settings instead of `cfg` (the node sheds candidates and re-ranking when behind).
+        """
         key = self.next_id()
-        features = self.recognizer.describe(points)
-        candidates = self._candidates(key, stamp, features, odom_pose[:3, 3])
+        features = self.recognizer.describe(points) if bev is None else self.recognizer.describe_images(bev[None])[0]
+        candidates = self._candidates(key, stamp, features, odom_pose[:3, 3], detection or self.cfg)
         self.database.add(key, stamp, features.descriptor, self.session)
         self.keypoints.put(key, features.keypoints.packed())
         self.positions[key] = np.asarray(odom_pose[:3, 3], dtype=float)
@@ -114,8 +119,7 @@ class LoopDetector:
         packed = self.keypoints.get(key)
         return None if packed is None else BEVKeypoints.unpack(packed)
 
-    def _candidates(self, key: int, stamp: float, features: PlaceFeatures, position: np.ndarray) -> list[Candidate]:
-        cfg = self.cfg
+    def _candidates(self, key: int, stamp: float, features: PlaceFeatures, position: np.ndarray, cfg: LoopDetectorConfig) -> list[Candidate]:
         matches = self.database.query(features.descriptor, stamp, cfg.retrieved, cfg.exclude_recent, cfg.exclude_seconds, self.session)
         kept = []
         for match in matches:  # another session's odometry frame is unrelated: no distance (NaN), never filtered

@@ -53,8 +53,9 @@ class PlaceMap:
     def size(self) -> int:
         return len(self.detector.database)
 
-    def add_keyframe(self, stamp: float, points: np.ndarray, odom_pose: np.ndarray) -> DetectedKeyframe:
-        return self.detector.add_keyframe(stamp, points, odom_pose)
+    def add_keyframe(self, stamp: float, points: np.ndarray, odom_pose: np.ndarray, bev: np.ndarray | None = None,
+                     detection: LoopDetectorConfig | None = None) -> DetectedKeyframe:
+        return self.detector.add_keyframe(stamp, points, odom_pose, bev, detection)
 
     def save(self, path: str | Path) -> Path:
         d = self.detector

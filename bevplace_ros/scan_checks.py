@@ -35,13 +35,23 @@ class ScanRejection:
 
 def check_scan(points: np.ndarray, cfg: ScanCheckConfig, bev: BEVConfig) -> ScanRejection | None:
     """None when the (N, >=3) sensor-frame `points` (finite, within max_range) can describe a place."""
+    return check_points(points, cfg) or check_bev(make_bev(points, bev), cfg, bev)
+
+
+def check_points(points: np.ndarray, cfg: ScanCheckConfig) -> ScanRejection | None:
+    """The checks that need no BEV image (the place node runs them on every scan it decodes)."""
     if len(points) < cfg.min_points:
         return ScanRejection("too few points", f"{len(points)} finite points within max_range, min_points={cfg.min_points}")
     radius = float(np.sqrt(np.max(np.einsum("ij,ij->i", points[:, :2], points[:, :2]))))
     if radius < cfg.min_radius:
         return ScanRejection("all near sensor", f"every point lies within {radius:.3f} m of the sensor, min_radius={cfg.min_radius} m "
                              "(blinded or covered sensor, or a driver emitting zeros?)")
-    cells = int(np.count_nonzero(make_bev(points, bev)))
+    return None
+
+
+def check_bev(image: np.ndarray, cfg: ScanCheckConfig, bev: BEVConfig) -> ScanRejection | None:
+    """The check on the BEV image itself, run where the image is made anyway (the place node: keyframes only)."""
+    cells = int(np.count_nonzero(image))
     if cells < cfg.min_bev_cells:
         return ScanRejection("sparse bev", f"{cells} occupied BEV cells within {bev.range_m} m and z in [{bev.z_min}, {bev.z_max}) m, "
                              f"min_bev_cells={cfg.min_bev_cells} (check the mount height against bev.z_min / bev.z_max)")

@@ -12,3 +12,13 @@ def spin_until(executor, predicate, timeout_s: float = 60.0) -> bool:
     while not predicate() and time.monotonic() < deadline:
         executor.spin_once(timeout_sec=0.05)
     return bool(predicate())
+
+
+def handle_scan(place_node, cloud, timeout_s: float = 60.0) -> None:
+    """Hand `cloud` to a place node as its `points` subscription does, and wait until both its stages are done with it."""
+    before = place_node.clouds_handled
+    place_node._on_cloud(cloud)
+    deadline = time.monotonic() + timeout_s
+    while not (place_node.clouds_handled > before and place_node.idle()):
+        assert time.monotonic() < deadline, "the place node never finished the scan"
+        time.sleep(0.005)

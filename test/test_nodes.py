@@ -16,7 +16,7 @@ from sensor_msgs.msg import PointCloud2, PointField
 from std_msgs.msg import Header
 
 from conftest import PARAMS_FILE, replay_options
-from ros_helpers import spin_until
+from ros_helpers import handle_scan, spin_until
 from bevplace_ros.commands.replay import summarize_run
 from bevplace_ros.nodes.bag_replay import replay
 from bevplace_ros.nodes.conversions import matrix_to_pose, ns_to_stamp, xyzi_cloud
@@ -143,14 +143,14 @@ def test_three_separate_processes_talk_over_dds(drive, tmp_path):
 
 
 def test_a_two_million_point_scan_is_thinned_and_becomes_a_keyframe(ros_context):
-    """The scan goes through the node's own processing path (the worker calls the same method)."""
+    """The scan goes through the node's own processing path, from its subscription callback on."""
     from bevplace_ros.nodes.place_recognition_node import PlaceRecognitionNode
 
     node = PlaceRecognitionNode(context=ros_context)
     try:
         node.odometry.add(1.0, np.eye(4))
         points = (np.random.default_rng(0).normal(size=(2_000_000, 4)) * 20).astype(np.float32)
-        node._process(_cloud(10**9, points))
+        handle_scan(node, _cloud(10**9, points))
         assert node.keyframes_published == 1 and not node.skipped
     finally:
         node.destroy_node()

@@ -54,18 +54,19 @@ def test_degenerate_scans_are_refused_with_a_named_reason(points, reason):
 
 
 def test_a_scan_at_the_origin_never_reaches_the_database(ros_context):
-    """Through the node's own processing path (the worker calls the same method)."""
+    """Through the node's own processing path, from its subscription callback on."""
+    from ros_helpers import handle_scan
     from bevplace_ros.nodes.place_recognition_node import PlaceRecognitionNode
 
     node = PlaceRecognitionNode(context=ros_context, parameter_overrides=[Parameter("place.weights", value="random")])
     try:
         node.odometry.add(1.0, np.eye(4))
         node.odometry.add(2.0, np.eye(4))
-        node._process(xyzi_cloud(Header(stamp=ns_to_stamp(10**9), frame_id="lidar"), np.zeros((20_000, 4), np.float32)))
+        handle_scan(node, xyzi_cloud(Header(stamp=ns_to_stamp(10**9), frame_id="lidar"), np.zeros((20_000, 4), np.float32)))
         assert node.skipped == {"all near sensor": 1} and "0.000 m" in node.last_skip["all near sensor"]
         assert node.keyframes_published == 0 and node.map.size == 0
         assert node.set_parameters([Parameter("min_radius", value=0.0), Parameter("min_bev_cells", value=0)])[0].successful
-        node._process(xyzi_cloud(Header(stamp=ns_to_stamp(2 * 10**9), frame_id="lidar"), np.zeros((20_000, 4), np.float32)))
+        handle_scan(node, xyzi_cloud(Header(stamp=ns_to_stamp(2 * 10**9), frame_id="lidar"), np.zeros((20_000, 4), np.float32)))
         assert node.keyframes_published == 1, "with the checks off at runtime the same scan is a keyframe: the check is what refused it"
     finally:
         node.destroy_node()

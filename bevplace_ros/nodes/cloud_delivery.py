@@ -137,11 +137,12 @@ def publish(scans: int, rate_hz: float, beams: int, points_qos: str, timeout_s: 
             counts = (status.get("received"), status.get("handled"))
             if counts != changed["counts"]:
                 changed.update(counts=counts, at=statuses[0])
-            return count("handled") + count("dropped.behind") >= count("received") and statuses[0] - changed["at"] >= 3
+            return count("handled") + count("dropped.unexamined") >= count("received") and statuses[0] - changed["at"] >= 3
 
         wait(quiet, "the node to settle")
-        diff = {k: count(k) - int(base.get(k, 0)) for k in ("received", "processed", "dropped.behind", "lost")}
-        return Delivery(scans, diff["received"], diff["processed"], diff["dropped.behind"], diff["lost"], len(msg.data))
+        diff = {k: count(k) - int(base.get(k, 0)) for k in ("received", "processed", "dropped.scans_behind", "dropped.unexamined", "lost")}
+        dropped = diff["dropped.scans_behind"] + diff["dropped.unexamined"]
+        return Delivery(scans, diff["received"], diff["processed"], dropped, diff["lost"], len(msg.data))
     finally:
         node.destroy_node()
         rclpy.try_shutdown()

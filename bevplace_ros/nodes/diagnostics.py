@@ -19,7 +19,7 @@ from rclpy.clock import Clock, ClockType
 from rclpy.node import Node
 
 LATENCY_WINDOW = 1000  # per-stage latency statistics cover the latest this many samples
-PROBLEM_PREFIXES = ("skipped.", "dropped.", "lost")  # counters whose growth makes the status WARN
+PROBLEM_PREFIXES = ("skipped.", "dropped.", "shed.", "lost")  # counters whose growth makes the status WARN
 
 
 class NodeDiagnostics:
@@ -39,6 +39,7 @@ class NodeDiagnostics:
         self._previous: dict[str, Any] = {}
         self.skipped: dict[str, int] = {}  # reason -> inputs skipped for it
         self.last_skip: dict[str, str] = {}  # reason -> detail of its latest input (what a throttled warning may not show)
+        self.shed_counts: dict[str, int] = {}  # work left undone under overload, by what was left
         self.latency_ms: dict[str, deque[float]] = {}
         self.publisher = node.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.timer = node.create_timer(period_s, self.publish, clock=Clock(clock_type=ClockType.STEADY_TIME))
@@ -53,6 +54,12 @@ class NodeDiagnostics:
             self.skipped[reason] = count = self.skipped.get(reason, 0) + 1
             self.last_skip[reason] = detail
         self.warning(f"skipped.{reason}", f"{what} skipped ({reason}, {count} so far): {detail}")
+
+    def shed(self, what: str, text: str) -> None:
+        """Count a piece of work left undone because the node is behind (`shed.<what>`) and warn, throttled per kind."""
+        with self._lock:
+            self.shed_counts[what] = count = self.shed_counts.get(what, 0) + 1
+        self.warning(f"shed.{what}", f"{text} ({count} so far)")
 
     def warning(self, key: str, text: str) -> None:
         """Log `text` unless a warning with the same key was logged within the throttle period."""
@@ -75,6 +82,7 @@ class NodeDiagnostics:
         counters = self._counters()
         with self._lock:
             counters.update({f"skipped.{reason}": n for reason, n in self.skipped.items()})
+            counters.update({f"shed.{what}": n for what, n in self.shed_counts.items()})
             conditions = list(self._conditions.values())
         grew = [f"{k} +{v - self._previous.get(k, 0)}" for k, v in counters.items()
                 if k.startswith(PROBLEM_PREFIXES) and v > self._previous.get(k, 0)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,7 @@ from scipy.spatial.transform import Rotation
 from sensor_msgs.msg import PointCloud2
 from std_msgs.msg import Header
 
-from bevplace_ros.bev import BEV_PRESETS, BEVConfig
+from bevplace_ros.bev import BEV_PRESETS, BEVConfig, make_bev
 from bevplace_ros.device import DEVICE_CHOICES
 from bevplace_ros.keyframe_selector import KeyframeSelector, KeyframeSelectorConfig
 from bevplace_ros.loop_detector import Candidate, DetectedKeyframe, LoopDetectorConfig
@@ -46,7 +46,7 @@ from bevplace_ros.odometry_buffer import OdometryBuffer, OdometryLookupError
 from bevplace_ros.place_map import PlaceMap, PlaceMapConfig, PlaceMapError
 from bevplace_ros.pointcloud2 import PointCloud2Error, xyz_intensity
 from bevplace_ros.registration.preprocess import voxel_representatives
-from bevplace_ros.scan_checks import ScanCheckConfig, check_scan
+from bevplace_ros.scan_checks import ScanCheckConfig, check_bev, check_points
 from bevplace_ros.se3 import make_transform
 
 # sensor_data: best effort, what LiDAR drivers publish; reliable: only matches reliable publishers,
@@ -114,10 +114,42 @@ PARAMS = [
     ParamSpec("map_file", "bevplace_place_map.npz", "Default file for the save/load services."),
     ParamSpec("points_qos", "sensor_data", "QoS of the points subscription: 'sensor_data' (best effort) or 'reliable' (needs a reliable publisher).",
               choices=tuple(POINTS_QOS), runtime=False),
-    ParamSpec("scan_queue", 3, "Scans waiting while the node is busy (absorbs a busy moment of the machine); beyond it the oldest "
-              "is dropped with a warning. 1: only the latest.", 1, 100, runtime=False),
+    ParamSpec("scan_queue", 3, "Scans waiting for the first stage (stamp, pose, keyframe choice) while the node is busy; beyond it the "
+              "node is behind and drops scans that would not become keyframes without decoding them (dropped.scans_behind). "
+              "Keyframes still go on.", 1, 100, runtime=False),
+    ParamSpec("scan_queue_limit", 100, "Hard bound on waiting scans (about 270 MB of 64-beam clouds); beyond it the oldest, not yet "
+              "examined, is dropped (dropped.unexamined: the one loss that may hit a keyframe, reached only when the keyframe "
+              "stage stays full). At least scan_queue.", 1, 10_000, runtime=False),
+    ParamSpec("keyframe_queue", 100, "Keyframes waiting for the network; never dropped: when full, the first stage waits for room. "
+              "Each holds its range-filtered scan and BEV image (about 2 MB for 120k points, 5 MB at max_points).", 1, 100_000, runtime=False),
+    ParamSpec("shed.single_candidate_backlog", 2, "Shedding, step 1: with more keyframes than this waiting, a keyframe publishes only "
+              "its top-ranked candidate (shed.candidates).", 0, 100_000, runtime=False),
+    ParamSpec("shed.no_rerank_backlog", 4, "Shedding, step 2 (at least step 1's backlog): with more keyframes than this waiting, "
+              "candidates keep the descriptor order, no BEV re-ranking (shed.rerank).", 0, 100_000, runtime=False),
+    ParamSpec("odom_wait", 0.5, "A scan newer than the latest odometry waits this long [s] for odometry at or after its stamp (then "
+              "it is looked up as it can be, or skipped as 'no odometry').", 0.0, 60.0),
     ParamSpec("scan_timeout", 5.0, "Warn when odometry arrives but no scan has for this long [s]; 0 disables.", 0.0, 3600.0),
 ]
+
+
+@dataclass(frozen=True)
+class _Arrival:
+    msg: PointCloud2
+    time: float  # monotonic; a scan waits for its odometry from here (odom_wait)
+
+
+@dataclass(frozen=True)
+class _KeyframeJob:
+    """A scan chosen as keyframe, checked, with the BEV image the check made (the network's input)."""
+
+    header: Header
+    stamp_ns: int
+    points: np.ndarray
+    bev: np.ndarray
+    T_odom_sensor: np.ndarray
+    covariance: np.ndarray  # (6, 6) of the odometry, and its frame, when the scan was chosen
+    odom_frame: str
+    travelled: float  # the selector's odometry path length at this keyframe
 
 
 class PlaceRecognitionNode(Node):
@@ -134,16 +166,21 @@ class PlaceRecognitionNode(Node):
         self.map = PlaceMap(map_cfg, self.bev_cfg, config_from_params(LoopDetectorConfig, p, "retrieval."))
         self.selector = KeyframeSelector(config_from_params(KeyframeSelectorConfig, p, "keyframe."))
         self.scan_checks = config_from_params(ScanCheckConfig, p, "")
+        if not p["scan_queue"] <= p["scan_queue_limit"] or not p["shed.single_candidate_backlog"] <= p["shed.no_rerank_backlog"]:
+            raise ValueError("need scan_queue <= scan_queue_limit and shed.single_candidate_backlog <= shed.no_rerank_backlog (the order of shedding)")
         self.odometry = OdometryBuffer(max_gap=p["odom_max_gap"])
-        self._odom_lock = threading.Lock()
+        self._odom_cond = threading.Condition()  # guards the odometry; notified when some arrives (a scan may wait for it)
+        self._latest_odom_s = -math.inf
         self._odom_frame = "odom"
         self._odom_covariance = np.zeros(36)
         self._sensor_frame = p["sensor_frame"]
         self._last_stamp_ns = -1
         self.odometry_received = 0
         self.clouds_received = 0
-        self.clouds_handled = 0
+        self.clouds_handled = 0  # done with: skipped, dropped as behind, not a keyframe, or published as one
+        self._handled_lock = threading.Lock()  # both stages count handled scans
         self.clouds_processed = 0  # handled and not skipped: keyframe or not
+        self.scans_behind = 0  # non-keyframe scans dropped undecoded while the first stage was behind
         self.clouds_lost = 0  # reported lost by the middleware (message_lost events)
         self.keyframes_published = 0
         self.candidates_published = 0
@@ -151,12 +188,14 @@ class PlaceRecognitionNode(Node):
         self._qos_mismatch = False  # a publisher on points with QoS incompatible with points_qos was seen
         self.diagnostics = NodeDiagnostics(self, self._counters)
         self.skipped, self.last_skip = self.diagnostics.skipped, self.diagnostics.last_skip
-        self.decode_ms = self.diagnostics.stage("decode")  # conversion, range filter and scan checks, per scan
-        self.latency_ms = self.diagnostics.stage("place_recognition")  # BEV + descriptor + retrieval + BEV pose, per keyframe
+        self.decode_ms = self.diagnostics.stage("decode")  # conversion, range filter and scan checks, per decoded scan
+        self.latency_ms = self.diagnostics.stage("place_recognition")  # descriptor + retrieval + BEV pose, per keyframe
         reliable = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
         self.keyframe_pub = self.create_publisher(Keyframe, "keyframes", KEYFRAMES_QOS)
         self.candidate_pub = self.create_publisher(LoopCandidate, "loop_candidates", reliable)
-        self.worker = QueueWorker(self._process, self._worker_error, "place_recognition", p["scan_queue"])
+        # two stages: every scan in arrival order (cheap), then keyframes only (the network), whose queue never drops
+        self.keyframe_worker = QueueWorker(self._describe, self._worker_error, "place_recognition", p["keyframe_queue"], block=True)
+        self.worker = QueueWorker(self._triage, self._worker_error, "scan_triage", p["scan_queue_limit"])
         events = SubscriptionEventCallbacks(message_lost=self._on_clouds_lost, incompatible_qos=self._on_incompatible_qos)
         self.points_sub = self.create_subscription(PointCloud2, "points", self._on_cloud, POINTS_QOS[p["points_qos"]], event_callbacks=events)
         self._tf_buffer = self._tf_listener() if p["pose_source"] == "tf" else None
@@ -173,10 +212,17 @@ class PlaceRecognitionNode(Node):
         self._tf_listener_handle = TransformListener(buffer, self)
         return buffer
 
-    def _sensor_pose(self, msg: PointCloud2, stamp_ns: int) -> np.ndarray:
-        """T_odom_sensor at the scan's stamp, from the odometry topic (with the mount) or from TF."""
+    def _sensor_pose(self, msg: PointCloud2, stamp_ns: int, arrived: float) -> np.ndarray:
+        """T_odom_sensor at the scan's stamp, from the odometry topic (with the mount) or from TF.
+
+        Odometry often arrives just after the scan: the scan waits for odometry at or after its stamp until `odom_wait`
+        after it arrived (the first stage holds the scans behind it meanwhile, keeping their order), then takes what is there.
+        """
         if self._tf_buffer is None:
-            with self._odom_lock:
+            deadline = arrived + self.params["odom_wait"]
+            with self._odom_cond:
+                while self._latest_odom_s < stamp_ns * 1e-9 and (left := deadline - time.monotonic()) > 0:
+                    self._odom_cond.wait(left)
                 return self.odometry.lookup(stamp_ns * 1e-9) @ self.T_base_sensor
         from rclpy.time import Time
         from tf2_ros import TransformException
@@ -190,10 +236,11 @@ class PlaceRecognitionNode(Node):
         return make_transform(Rotation.from_quat([q.x, q.y, q.z, q.w]).as_matrix(), np.array([t.x, t.y, t.z]))
 
     def idle(self) -> bool:
-        return self.worker.idle()
+        return self.worker.idle() and self.keyframe_worker.idle()
 
     def destroy_node(self) -> None:
         if hasattr(self, "worker"):  # absent when the constructor failed (bad parameter, missing weights)
+            self.keyframe_worker.stop()  # first: it frees a first stage waiting for room
             self.worker.stop()
         super().destroy_node()
 
@@ -211,7 +258,7 @@ class PlaceRecognitionNode(Node):
     def _counters(self) -> dict[str, int]:
         return {"publishers": self.points_sub.get_publisher_count(), "received": self.clouds_received, "handled": self.clouds_handled, "processed": self.clouds_processed,
                 "keyframes": self.keyframes_published, "candidates": self.candidates_published, "odometry": self.odometry_received,
-                "dropped.behind": self.worker.dropped, "lost": self.clouds_lost}
+                "dropped.scans_behind": self.scans_behind, "dropped.unexamined": self.worker.dropped, "lost": self.clouds_lost}
 
     def _check_inputs(self) -> None:
         """Odometry arriving while scans do not is the symptom of a cloud the transport cannot carry."""
@@ -246,11 +293,13 @@ class PlaceRecognitionNode(Node):
 
     def _on_odometry(self, msg: Odometry) -> None:
         try:
-            pose = pose_to_matrix(msg.pose.pose)
-            with self._odom_lock:
-                self.odometry.add(stamp_to_ns(msg.header.stamp) * 1e-9, pose)
+            pose, stamp = pose_to_matrix(msg.pose.pose), stamp_to_ns(msg.header.stamp) * 1e-9
+            with self._odom_cond:
+                self.odometry.add(stamp, pose)
+                self._latest_odom_s = stamp
                 self._odom_frame = msg.header.frame_id or self._odom_frame
                 self._odom_covariance = np.asarray(msg.pose.covariance, dtype=float)
+                self._odom_cond.notify_all()
         except ValueError as err:
             self.diagnostics.skip("odometry", str(err), what="odometry message")
         finally:
@@ -261,26 +310,72 @@ class PlaceRecognitionNode(Node):
         self.clouds_received += 1
         self._last_cloud_time = time.monotonic()
         before = self.worker.dropped
-        self.worker.submit(msg)
+        self.worker.submit(_Arrival(msg, self._last_cloud_time))
         if self.worker.dropped > before:
-            self.diagnostics.warning("dropped.behind", f"place recognition is behind: dropped {self.worker.dropped} scans so far (oldest first)")
+            self.diagnostics.warning("dropped.unexamined", f"the keyframe stage stays full: dropped {self.worker.dropped} scans unexamined "
+                                                          f"so far (oldest first, beyond scan_queue_limit={self.worker.max_size})")
 
     def _worker_error(self, err: Exception) -> None:
         self.diagnostics.skip("error", f"{type(err).__name__}: {err}")
 
-    def _process(self, msg: PointCloud2) -> None:
-        try:
-            self._process_cloud(msg)
-        finally:
+    def _count_handled(self) -> None:
+        with self._handled_lock:
             self.clouds_handled += 1
 
-    def _process_cloud(self, msg: PointCloud2) -> None:
-        start = time.perf_counter()
+    def _triage(self, arrival: _Arrival) -> None:
+        """First stage, every scan in arrival order: a keyframe goes on to the second stage, anything else is done here."""
+        job = None
+        try:
+            job = self._select(arrival)
+        finally:
+            if job is None:
+                self._count_handled()
+        if job is not None:
+            self.keyframe_worker.submit(job)  # waits while keyframe_queue is full: keyframes are never dropped
+
+    def _select(self, arrival: _Arrival) -> _KeyframeJob | None:
+        """Checks, pose and the keyframe choice. Behind (more than scan_queue scans waiting), a scan that is not due as a
+        keyframe is dropped before it is decoded; only a keyframe gets a BEV image, checked and handed to the network."""
+        msg = arrival.msg
         stamp_ns = stamp_to_ns(msg.header.stamp)
         if stamp_ns <= self._last_stamp_ns:
             return self.diagnostics.skip("stamp", f"stamp {stamp_ns * 1e-9:.6f} s is not after the previous scan's {self._last_stamp_ns * 1e-9:.6f} s")
         if self._sensor_frame and msg.header.frame_id != self._sensor_frame:
             return self.diagnostics.skip("frame", f"frame_id {msg.header.frame_id!r}, expected {self._sensor_frame!r}")
+        behind = self.worker.pending() > self.params["scan_queue"]
+        points = None
+        if not behind and (points := self._checked_points(msg)) is None:
+            return None
+        try:
+            T_odom_sensor = self._sensor_pose(msg, stamp_ns, arrival.time)
+        except OdometryLookupError as err:
+            return self.diagnostics.skip("no odometry", str(err))
+        due = self.selector.due(stamp_ns * 1e-9, T_odom_sensor)
+        if not due and behind:
+            self._last_stamp_ns = stamp_ns
+            self.scans_behind += 1
+            return self.diagnostics.warning("dropped.scans_behind", f"place recognition is behind: dropped {self.scans_behind} scans that "
+                                            f"would not become keyframes so far (more than scan_queue={self.params['scan_queue']} waiting)")
+        if points is None and (points := self._checked_points(msg)) is None:
+            return None
+        bev = None
+        if due:
+            bev = make_bev(points, self.bev_cfg)
+            if rejection := check_bev(bev, self.scan_checks, self.bev_cfg):
+                return self.diagnostics.skip(rejection.reason, rejection.detail)
+        self._sensor_frame = self._sensor_frame or msg.header.frame_id
+        self._last_stamp_ns = stamp_ns
+        self.clouds_processed += 1
+        if not due:
+            return None
+        self.selector.accept(stamp_ns * 1e-9, T_odom_sensor)
+        with self._odom_cond:
+            odom_frame, covariance = self._odom_frame, self._odom_covariance.reshape(6, 6)
+        return _KeyframeJob(msg.header, stamp_ns, points, bev, T_odom_sensor, covariance, odom_frame, self.selector.travelled)
+
+    def _checked_points(self, msg: PointCloud2) -> np.ndarray | None:
+        """The scan's finite points within max_range (thinned to max_points), or None when it is skipped as bad."""
+        start = time.perf_counter()
         try:
             points = xyz_intensity(msg)
         except PointCloud2Error as err:
@@ -288,30 +383,41 @@ class PlaceRecognitionNode(Node):
         points = points[np.einsum("ij,ij->i", points[:, :3], points[:, :3]) <= self.params["max_range"] ** 2]
         if len(points) > self.params["max_points"]:
             points = points[np.linspace(0, len(points) - 1, self.params["max_points"]).astype(np.int64)]
-        if rejection := check_scan(points, self.scan_checks, self.bev_cfg):
+        if rejection := check_points(points, self.scan_checks):
             return self.diagnostics.skip(rejection.reason, rejection.detail)
         self.decode_ms.append((time.perf_counter() - start) * 1e3)
-        try:
-            T_odom_sensor = self._sensor_pose(msg, stamp_ns)
-        except OdometryLookupError as err:
-            return self.diagnostics.skip("no odometry", str(err))
-        self._sensor_frame = self._sensor_frame or msg.header.frame_id
-        self._last_stamp_ns = stamp_ns
-        self.clouds_processed += 1
-        if not self.selector.accept(stamp_ns * 1e-9, T_odom_sensor):
-            return None
-        start = time.perf_counter()
-        detected = self.map.add_keyframe(stamp_ns * 1e-9, points, T_odom_sensor)
-        self.latency_ms.append((time.perf_counter() - start) * 1e3)
-        self._publish(msg.header, stamp_ns, points, T_odom_sensor, detected)
-        return None
+        return points
 
-    def _publish(self, cloud_header: Header, stamp_ns: int, points: np.ndarray, T_odom_sensor: np.ndarray, detected: DetectedKeyframe) -> None:
+    def _describe(self, job: _KeyframeJob) -> None:
+        """Second stage, keyframes only: network, retrieval, publication; sheds candidates, then re-ranking, when keyframes pile up."""
+        try:
+            start = time.perf_counter()
+            detected = self.map.add_keyframe(job.stamp_ns * 1e-9, job.points, job.T_odom_sensor, job.bev,
+                                             self._detection(self.keyframe_worker.pending()))
+            self.latency_ms.append((time.perf_counter() - start) * 1e3)
+            self._publish(job, detected)
+        finally:
+            self._count_handled()
+
+    def _detection(self, backlog: int) -> LoopDetectorConfig:
+        """The retrieval settings for a keyframe with `backlog` keyframes waiting behind it: shed in the stated order."""
+        cfg, p = self.map.detector.cfg, self.params
+        if backlog > p["shed.single_candidate_backlog"] and cfg.top_k > 1:
+            cfg = replace(cfg, top_k=1)
+            self.diagnostics.shed("candidates", f"place recognition is behind ({backlog} keyframes waiting): publishing only the top-ranked "
+                                                "loop candidate of a keyframe")
+        if backlog > p["shed.no_rerank_backlog"] and cfg.rerank_k:
+            cfg = replace(cfg, rerank_k=0)
+            self.diagnostics.shed("rerank", f"place recognition is behind ({backlog} keyframes waiting): no BEV re-ranking of a keyframe's places")
+        return cfg
+
+    def _publish(self, job: _KeyframeJob, detected: DetectedKeyframe) -> None:
+        cloud_header, points = job.header, job.points
         keep = voxel_representatives(points[:, :3].astype(np.float64), self.params["keyframe_cloud_voxel"])
         keyframe = Keyframe(
-            header=Header(stamp=cloud_header.stamp, frame_id=self._odom_frame), id=detected.id,
-            sensor_frame=cloud_header.frame_id, odom_pose=pose_with_covariance(T_odom_sensor, self._odom_covariance.reshape(6, 6)),
-            travelled_distance=self.selector.travelled, cloud=xyzi_cloud(cloud_header, points[keep]),
+            header=Header(stamp=cloud_header.stamp, frame_id=job.odom_frame), id=detected.id,
+            sensor_frame=cloud_header.frame_id, odom_pose=pose_with_covariance(job.T_odom_sensor, job.covariance),
+            travelled_distance=job.travelled, cloud=xyzi_cloud(cloud_header, points[keep]),
             descriptor=detected.features.descriptor.astype(np.float32), descriptor_model=self.map.model_id,
         )
         self.keyframe_pub.publish(keyframe)

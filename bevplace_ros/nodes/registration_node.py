@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import replace
 from typing import Any
 
@@ -56,7 +57,16 @@ PARAMS = [
         "max_on_disk": ("Spilled clouds kept on disk before the oldest are deleted.", 0, 100_000_000),
     }, runtime=False),
     ParamSpec("store.spill_dir", KeyframeStoreConfig.spill_dir, "Folder for spilled clouds; empty drops the oldest instead.", runtime=False),
-    ParamSpec("queue_size", 100, "Pending loop candidates; beyond it the oldest are dropped with a warning.", 1, 100000, runtime=False),
+    ParamSpec("queue_size", 100, "Pending loop candidates; beyond it the oldest are dropped with a warning (dropped.behind: shedding, "
+              "step 3, the last resort).", 1, 100000, runtime=False),
+    ParamSpec("shed.rank_backlog", 3, "Shedding, step 1: with more candidates of later keyframes waiting than this, candidates of rank >= 1 "
+              "are skipped unverified (shed.low_rank); a keyframe's own candidates never count, so a lock-step replay never sheds.",
+              0, 100000, runtime=False),
+    ParamSpec("shed.redundant_backlog", 6, "Shedding, step 2 (at least step 1's backlog): beyond this backlog, a candidate is skipped when a loop "
+              "verified within shed.redundant_window keyframes of both its query and its match exists (shed.redundant).",
+              0, 100000, runtime=False),
+    ParamSpec("shed.redundant_window", 5, "Keyframe-id neighbourhood of query and match that makes a candidate redundant with a verified loop.",
+              0, 100000, runtime=False),
     ParamSpec("keyframes_file", "bevplace_keyframes.npz", "Default file for the save/load services."),
     ParamSpec("publish_pose_graph_edges", True, "Also publish pose_graph_tools-shaped edges on pose_graph_edges."),
     ParamSpec("publish_lio_sam", False, "Also publish [query_stamp, match_stamp] on lio_loop/loop_closure_detection for LIO-SAM."),
@@ -87,6 +97,9 @@ class RegistrationNode(Node):
         self._early: list[LoopCandidate] = []  # candidates that overtook their keyframe (two topics, no order between them)
         self.closures_published = 0
         self.loops_verified = 0
+        if p["shed.rank_backlog"] > p["shed.redundant_backlog"]:
+            raise ValueError("need shed.rank_backlog <= shed.redundant_backlog (the order of shedding)")
+        self._verified: deque[tuple[int, int]] = deque(maxlen=1000)  # (query, match) ids of recently verified loops
         self.diagnostics = NodeDiagnostics(self, self._counters)
         self.latency_ms = self.diagnostics.stage("registration")
         self.worker = QueueWorker(self._verify, self._worker_error, "registration", p["queue_size"])
@@ -144,7 +157,24 @@ class RegistrationNode(Node):
     def _worker_error(self, err: Exception) -> None:
         self.diagnostics.skip("error", f"loop verification failed: {type(err).__name__}: {err}", what="loop candidate")
 
+    def _shed(self, candidate: LoopCandidate) -> bool:
+        """Whether to skip `candidate` because candidates of later keyframes pile up; in the stated order (README: nodes)."""
+        query, match, p = int(candidate.query_id), int(candidate.match_id), self.params
+        backlog = sum(int(c.query_id) != query for c in self.worker.waiting())
+        if backlog > p["shed.rank_backlog"] and candidate.rank >= 1:
+            self.diagnostics.shed("low_rank", f"registration is behind ({backlog} candidates of later keyframes waiting): skipped "
+                                              f"candidate {query}->{match} of rank {candidate.rank}")
+            return True
+        window = p["shed.redundant_window"]
+        if backlog > p["shed.redundant_backlog"] and any(abs(q - query) <= window and abs(m - match) <= window for q, m in self._verified):
+            self.diagnostics.shed("redundant", f"registration is behind ({backlog} candidates of later keyframes waiting): skipped "
+                                               f"candidate {query}->{match}, a loop near both is verified")
+            return True
+        return False
+
     def _verify(self, candidate: LoopCandidate) -> None:
+        if self._shed(candidate):
+            return
         guess = xyyaw_to_matrix(candidate.bev_x, candidate.bev_y, candidate.bev_yaw) if candidate.bev_inliers else None
         start = time.perf_counter()
         try:
@@ -164,6 +194,8 @@ class RegistrationNode(Node):
         self.closure_pub.publish(closure)
         self.closures_published += 1
         self.loops_verified += closure.verified
+        if closure.verified:
+            self._verified.append((int(candidate.query_id), int(candidate.match_id)))
         self.latency_ms.append(closure.latency_ms)
         if self.params["publish_pose_graph_edges"]:
             self.edge_pub.publish(self._edge(closure, result.transform))

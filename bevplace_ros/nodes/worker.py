@@ -1,9 +1,10 @@
 """A background worker so a slow stage never blocks a subscriber callback.
 
-`QueueWorker` keeps a bounded FIFO and drops the oldest beyond it: loop candidates (each one
-matters, but memory must not grow) and LiDAR scans (a few absorb a busy moment of the machine;
-beyond them an old scan is worth less than the next one). It counts what it drops so the node can
-warn with numbers.
+`QueueWorker` keeps a bounded FIFO and, beyond it, either drops the oldest (loop candidates and
+raw scans: memory must not grow, and the node sheds cheaper work well before that bound) or makes
+the submitter wait for room (keyframes: never lost, the wait pushes back on the stage before). It
+counts what it drops so the node can warn with numbers, and tells the handler how many items wait
+behind the current one, which is how the nodes decide to shed work.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from typing import Any, Callable
 
 
 class QueueWorker:
-    """Handles items in order; beyond `max_size` pending items the oldest is dropped (and counted)."""
+    """Handles items in order; beyond `max_size` pending items the oldest is dropped (and counted), or with
+    `block` the submitter waits for room (nothing is dropped)."""
 
-    def __init__(self, handle: Callable[[Any], None], on_error: Callable[[Exception], None], name: str, max_size: int) -> None:
+    def __init__(self, handle: Callable[[Any], None], on_error: Callable[[Exception], None], name: str, max_size: int,
+                 block: bool = False) -> None:
         self.max_size = max_size
+        self.block = block
         self._handle = handle
         self._on_error = on_error
         self._cond = threading.Condition()
@@ -31,11 +35,22 @@ class QueueWorker:
 
     def submit(self, item: Any) -> None:
         with self._cond:
+            while self.block and len(self._items) >= self.max_size and not self._stop:
+                self._cond.wait()
             self._items.append(item)
             while len(self._items) > self.max_size:
                 self._items.popleft()
                 self.dropped += 1
             self._cond.notify_all()
+
+    def waiting(self) -> list[Any]:
+        """The items queued behind the one being handled, oldest first (a snapshot)."""
+        with self._cond:
+            return list(self._items)
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._items)
 
     def idle(self) -> bool:
         """Nothing queued and nothing being handled (used by replay's flow control)."""
@@ -57,6 +72,7 @@ class QueueWorker:
                     return
                 item = self._items.popleft()
                 self._busy = True
+                self._cond.notify_all()  # room for a blocked submitter
             try:
                 self._handle(item)
             except Exception as err:  # a bad item must never kill the node's worker
