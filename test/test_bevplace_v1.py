@@ -13,7 +13,7 @@ import torch
 from bevplace_ros.bev import BEVConfig
 from bevplace_ros.cli import main as cli_main
 from bevplace_ros.models.bevplace_net import BEVPlaceNetConfig, build_seeded_model
-from bevplace_ros.models.bevplace_v1 import BEVPlaceV1
+from bevplace_ros.models.bevplace_v1 import BEVPlaceV1, avg_pool_2x2, instance_norm_
 from bevplace_ros.models.checkpoint import (
     DEFAULT_V1_WEIGHTS,
     V1,
@@ -43,9 +43,13 @@ def published_png(shared_data: Path, name: str) -> np.ndarray:
     return raw.astype(np.float32) / 255.0
 
 
+def sparse_bev(rng: np.random.Generator, count: int) -> np.ndarray:
+    """(count, 151, 151) BEV-like images: 5 % occupied cells of density 0.1 ... 1."""
+    return ((rng.random((count, 151, 151)) < 0.05) * rng.integers(1, 11, (count, 151, 151)) / 10).astype(np.float32)
+
+
 def test_shipped_weights_give_a_finite_unit_descriptor(recognizer, rng):
-    image = (rng.random((151, 151)) < 0.05).astype(np.float32) * rng.integers(1, 11, (151, 151)) / 10
-    feats = recognizer.describe_images(image[None])[0]
+    feats = recognizer.describe_images(sparse_bev(rng, 1))[0]
     assert feats.descriptor.shape == (recognizer.descriptor_dim,) == (8192,)
     assert np.isfinite(feats.descriptor).all() and abs(np.linalg.norm(feats.descriptor) - 1) < 1e-5
     assert feats.local.shape == (128, 29, 29)  # one feature per keypoint of the 5-pixel grid
@@ -60,6 +64,30 @@ def test_all_zero_image_is_defined_and_wrong_size_is_refused(recognizer):
         recognizer.describe_images(np.zeros((1, 100, 100), np.float32))
     with pytest.raises(ValueError, match="151, 151"):
         load_checkpoint(DEFAULT_V1_WEIGHTS)(torch.zeros(1, 1, 120, 120))
+
+
+@pytest.mark.parametrize("size", [(151, 151), (214, 107)])
+def test_fast_norm_and_pool_equal_torch_modules(size):
+    x = torch.randn(2, 5, *size) * 3 + 2  # a mean well away from 0, as convolution outputs have
+    want = torch.relu(torch.nn.functional.instance_norm(x))
+    assert torch.allclose(instance_norm_(x.clone(), relu=True), want, atol=1e-5)
+    assert torch.allclose(instance_norm_(x.clone(), relu=False), torch.nn.functional.instance_norm(x), atol=1e-5)
+    assert torch.allclose(avg_pool_2x2(x), torch.nn.AvgPool2d(2, 2)(x), atol=1e-6)
+
+
+def test_inference_copy_keeps_the_float32_network_and_its_outputs(rng):
+    """for_inference() (bfloat16 group CNN and light-CNN convolutions 2-4, in-place norms) stays
+    within cosine 0.9999 of the float32 network and leaves the network it copies untouched."""
+    eager = load_checkpoint(DEFAULT_V1_WEIGHTS).eval()
+    before = {k: v.clone() for k, v in eager.state_dict().items()}
+    fast = eager.for_inference()
+    assert next(fast.encoder.embedder.parameters()).dtype == torch.bfloat16
+    assert all(v.dtype == torch.float32 and torch.equal(v, before[k]) for k, v in eager.state_dict().items())
+    x = torch.from_numpy(sparse_bev(rng, 2))[:, None]
+    with torch.inference_mode():
+        (local_e, global_e), (local_f, global_f) = eager(x), fast(x)
+    assert (global_e * global_f).sum(1).min() >= 0.9999
+    assert (local_e * local_f).sum(1).min() >= 0.999
 
 
 def test_checkpoints_of_other_networks_are_refused_naming_file_and_tensor(tmp_path):
@@ -149,7 +177,10 @@ def test_bev_pose_recovers_a_rotated_and_shifted_published_image(recognizer, sha
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine: CPU/CUDA agreement of BEVPlace v1 untested")
 def test_cpu_and_cuda_agree(rng):
-    image = ((rng.random((2, 151, 151)) < 0.05) * rng.integers(1, 11, (2, 151, 151)) / 10).astype(np.float32)
-    cpu, cuda = (PlaceRecognizer(PlaceRecognizerConfig(model=V1, device=d)).describe_images(image) for d in ("cpu", "cuda"))
-    for a, b in zip(cpu, cuda):
-        assert float(a.descriptor @ b.descriptor) >= 0.9999
+    """Each device's inference copy (bfloat16 parts) within cosine 0.9999 of the float32 network on the CPU."""
+    image = sparse_bev(rng, 2)
+    with torch.inference_mode():
+        want = load_checkpoint(DEFAULT_V1_WEIGHTS).eval()(torch.from_numpy(image)[:, None])[1].numpy()
+    for device in ("cpu", "cuda"):
+        got = np.stack([f.descriptor for f in PlaceRecognizer(PlaceRecognizerConfig(model=V1, device=device)).describe_images(image)])
+        assert (got * want).sum(axis=1).min() >= 0.9999, device
