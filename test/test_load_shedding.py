@@ -175,3 +175,41 @@ def test_a_registration_node_fed_a_burst_sheds_low_rank_candidates_first_and_say
     assert int(counters["shed.low_rank"]) == len(skipped) and counters["dropped.behind"] == "0", counters
     assert {(q, m) for q, m, r in sent[-per_keyframe:]} <= answered, "the newest keyframe's candidates, with nothing behind them, all verified"
     assert "registration is behind" in capfd.readouterr().err
+
+
+def test_beyond_its_backlog_a_registration_node_skips_candidates_redundant_with_a_verified_loop(ros_context):
+    """Step 2: the same place seen again and again (one scene), one rank-0 candidate per keyframe, all at once."""
+    from bevplace_ros.nodes.registration_node import RegistrationNode
+
+    node = RegistrationNode(context=ros_context, parameter_overrides=[Parameter("shed.rank_backlog", value=0),
+                                                                      Parameter("shed.redundant_backlog", value=0)])
+    talker = rclpy.create_node("place_node", context=ros_context)
+    executor = MultiThreadedExecutor(context=ros_context)
+    for n in (node, talker):
+        executor.add_node(n)
+    keyframes = talker.create_publisher(Keyframe, "keyframes", KEYFRAMES_QOS)
+    candidates = talker.create_publisher(LoopCandidate, "loop_candidates", RELIABLE)
+    closures: list[LoopClosure] = []
+    talker.create_subscription(LoopClosure, "loop_closures", closures.append, RELIABLE)
+    counters = _diagnostics(talker, node.get_fully_qualified_name())
+    scene = _scene(np.random.default_rng(0))
+    sent = [(q, q - 10) for q in range(10, 24)]
+    try:
+        assert spin_until(executor, lambda: keyframes.get_subscription_count() and candidates.get_subscription_count()
+                          and talker.count_publishers("loop_closures"))
+        for key in range(24):
+            keyframes.publish(_keyframe(key, scene))
+        assert spin_until(executor, lambda: node.keyframes_handled == 24)
+        for query, match in sent:
+            candidates.publish(LoopCandidate(query_id=query, match_id=match, rank=0))
+        assert spin_until(executor, lambda: node.worker.handled == len(sent) and node.idle(), 240.0), node.worker.handled
+        assert spin_until(executor, lambda: len(closures) == node.closures_published and counters.get("candidates") == str(len(sent)), 30.0)
+    finally:
+        executor.shutdown()
+        for n in (node, talker):
+            n.destroy_node()
+    verified = [(c.query_id, c.match_id) for c in closures if c.verified]
+    skipped = [pair for pair in sent if pair not in {(c.query_id, c.match_id) for c in closures}]
+    assert verified[0] == sent[0] and skipped, (verified, skipped)
+    assert all(any(abs(q - vq) <= 5 and abs(m - vm) <= 5 for vq, vm in verified) for q, m in skipped), (verified, skipped)
+    assert int(counters["shed.redundant"]) == len(skipped) and "shed.low_rank" not in counters, counters
