@@ -67,8 +67,9 @@ def test_all_zero_image_is_defined_and_wrong_size_is_refused(recognizer):
 
 
 @pytest.mark.parametrize("size", [(151, 151), (214, 107)])
-def test_fast_norm_and_pool_equal_torch_modules(size):
-    x = torch.randn(2, 5, *size) * 3 + 2  # a mean well away from 0, as convolution outputs have
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_fast_norm_and_pool_equal_torch_modules(size, layout):
+    x = (torch.randn(2, 5, *size) * 3 + 2).contiguous(memory_format=layout)  # mean well off 0, as convolution outputs
     want = torch.relu(torch.nn.functional.instance_norm(x))
     assert torch.allclose(instance_norm_(x.clone(), relu=True), want, atol=1e-5)
     assert torch.allclose(instance_norm_(x.clone(), relu=False), torch.nn.functional.instance_norm(x), atol=1e-5)
