@@ -41,7 +41,7 @@ from bevplace_ros.nodes.parameters import (
     updated_config,
 )
 from bevplace_ros.nodes.qos import KEYFRAMES_QOS
-from bevplace_ros.nodes.worker import QueueWorker
+from bevplace_ros.nodes.worker import TORCH_THREADS, QueueWorker, limit_torch_threads
 from bevplace_ros.odometry_buffer import OdometryBuffer, OdometryLookupError
 from bevplace_ros.place_map import PlaceMap, PlaceMapConfig, PlaceMapError
 from bevplace_ros.pointcloud2 import PointCloud2Error, xyz_intensity
@@ -126,6 +126,7 @@ PARAMS = [
               "its top-ranked candidate (shed.candidates).", 0, 100_000, runtime=False),
     ParamSpec("shed.no_rerank_backlog", 4, "Shedding, step 2 (at least step 1's backlog): with more keyframes than this waiting, "
               "candidates keep the descriptor order, no BEV re-ranking (shed.rerank).", 0, 100_000, runtime=False),
+    TORCH_THREADS,
     ParamSpec("odom_wait", 0.5, "A scan newer than the latest odometry waits this long [s] for odometry at or after its stamp (then "
               "it is looked up as it can be, or skipped as 'no odometry').", 0.0, 60.0),
     ParamSpec("scan_timeout", 5.0, "Warn when odometry arrives but no scan has for this long [s]; 0 disables.", 0.0, 3600.0),
@@ -158,6 +159,7 @@ class PlaceRecognitionNode(Node):
         super().__init__("place_recognition_node", **kwargs)
         self.params = declare_parameters(self, PARAMS, self._on_change)
         p = self.params
+        limit_torch_threads(p["torch_threads"])
         if len(p["base_to_sensor"]) != 6:
             raise ValueError(f"base_to_sensor must have 6 numbers (x y z roll pitch yaw), got {len(p['base_to_sensor'])}")
         x, y, z, *rpy = p["base_to_sensor"]
