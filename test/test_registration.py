@@ -183,7 +183,7 @@ def real_pairs(shared_data: Path):
 @pytest.mark.slow
 def test_kiss_matcher_registers_every_real_pair_from_any_yaw(real_pairs, rng):
     """KITTI 00 (5 pairs) and small_gicp (another sensor), source spun: within 0.2 m / 0.5 deg of GICP from the given
-    pose, and verified. (FPFH + RANSAC finds 0-15 too but can fall under the inlier-ratio floor: docs/registration.md.)"""
+    pose, and verified."""
     registrar = Registrar(RegistrationConfig(classical="kiss_matcher", device="cpu"))
     for pair in real_pairs:
         tgt = registrar.preprocess(pair.target)
@@ -207,6 +207,47 @@ def test_kiss_matcher_reports_its_stages_and_rejects_a_false_pair(kitti):
     res = registrar.register(pair.source, pair.target)
     assert not res.verified and res.reason
     assert set(res.timings) >= {"match", "pose", "refine", "total"}
+
+
+def test_cached_fpfh_is_yaw_invariant_and_mutual_matching_is_exact(kitti, rng):
+    """The per-keyframe FPFH of a yaw-spun scan equals the scan's own (sensor-frame normals; cosine > 0.999, nearly
+    degenerate normals of poles move a little), and the blocked-matmul mutual matching equals brute force."""
+    from bevplace_ros.registration.fpfh import FpfhConfig, mutual_topk, radius_fpfh
+
+    points = prepare_cloud(kitti[0][0], PreprocessConfig()).fine_points
+    spin = make_transform(random_rotation(rng, 180.0, axis=np.array([0.0, 0.0, 1.0])), np.zeros(3))
+    kp, desc = radius_fpfh(points, FpfhConfig())
+    kp_spun, desc_spun = radius_fpfh(transform_points(spin, points), FpfhConfig())
+    np.testing.assert_allclose(kp_spun, transform_points(spin, kp), atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(desc, axis=1), 1.0, atol=1e-5)
+    assert np.percentile((desc * desc_spun).sum(axis=1), 1) > 0.999 and len(kp) > 0.9 * len(points)
+    spun_idx, own_idx = mutual_topk(desc_spun, desc, 1)
+    assert np.sum(spun_idx == own_idx) > 0.99 * len(kp)  # nearly every point's mutual match is itself
+
+    a, b = rng.normal(size=(700, 33)).astype(np.float32), rng.normal(size=(500, 33)).astype(np.float32)
+    sim = a @ b.T
+    ab, ba = sim.argmax(1), sim.argmax(0)
+    expect = {(i, int(ab[i])) for i in range(len(a)) if ba[ab[i]] == i}
+    got = set(zip(*(x.tolist() for x in mutual_topk(a, b, 1, chunk=64))))
+    assert got == expect and len(expect) > 10
+    assert got < set(zip(*(x.tolist() for x in mutual_topk(a, b, 2, chunk=64))))
+
+
+def test_kiss_matcher_pairs_reuse_the_cached_features(kitti, monkeypatch):
+    """FPFH runs once per keyframe in preprocess; a registration of prepared clouds only matches and solves."""
+    from bevplace_ros.registration import kiss
+
+    registrar = Registrar(RegistrationConfig(device="cpu"))
+    scans, poses = kitti
+    src, tgt = registrar.preprocess(scans[1]), registrar.preprocess(scans[0])
+
+    def recompute(*_args):
+        raise AssertionError("FPFH recomputed for a prepared cloud")
+
+    monkeypatch.setattr(kiss, "radius_fpfh", recompute)
+    res = registrar.register_prepared(src, tgt)
+    truth = invert(poses[0]) @ poses[1]
+    assert res.verified and translation_error(res.transform, truth) < 1.0 and rotation_error_deg(res.transform, truth) < 1.5
 
 
 def _line(rng, n=2000):

@@ -45,9 +45,10 @@ def yaw_only(T: np.ndarray) -> np.ndarray:
 
 
 def registrar_method(registrar) -> Method:
-    """The registrar from no guess; its score is the fitness, or 0 when its sanity floors already reject."""
+    """The registrar from no guess on cached per-cloud features (not timed, as in the node's verifier); its score is
+    the fitness, or 0 when its sanity floors already reject."""
     def run(src: PreparedCloud, tgt: PreparedCloud, _truth: np.ndarray) -> Outcome:
-        res = registrar.register_prepared(src, tgt)
+        res = registrar.register_prepared(registrar.featurize(src), registrar.featurize(tgt))
         return Outcome(res.transform, res.fitness if res.verified else 0.0, res.inlier_ratio, res.timings["total"])
     return run
 

@@ -132,21 +132,26 @@ class Registrar:
             self.model, self.meta = load_model(self.cfg.weights, self.device)
 
     def preprocess(self, points: np.ndarray, name: str = "points") -> PreparedCloud:
-        """Voxelise, estimate normals, pick superpoints, the method's features and GICP's sparse source; cacheable."""
+        """Voxelise, estimate normals, pick superpoints, then `featurize`; the result is cacheable."""
+        return self.featurize(prepare_cloud(points, self.cfg.preprocess, name))
+
+    def featurize(self, cloud: PreparedCloud) -> PreparedCloud:
+        """Add what this registrar's method needs per cloud (network encoding or FPFH, GICP's sparse source), once:
+        a cloud prepared by another registrar gets only what it lacks, so pairs are timed on cached features."""
         import torch
 
-        cloud = prepare_cloud(points, self.cfg.preprocess, name)
         start = time.perf_counter()
         if self.model is not None:
             from bevplace_ros.registration.model import encode_arrays
 
-            with torch.inference_mode():
-                cloud.features["encoded"] = encode_arrays(self.model, cloud.arrays(), self.device)
+            if "encoded" not in cloud.features:
+                with torch.inference_mode():
+                    cloud.features["encoded"] = encode_arrays(self.model, cloud.arrays(), self.device)
         else:
             self._classical_features(cloud)
         if self.cfg.refine.enabled:
             coarse_source(cloud, self.cfg.refine)
-        cloud.timings["features"] = (time.perf_counter() - start) * 1e3
+        cloud.timings["features"] = cloud.timings.get("features", 0.0) + (time.perf_counter() - start) * 1e3
         return cloud
 
     def register(self, source: np.ndarray, target: np.ndarray, initial_guess: np.ndarray | None = None
