@@ -115,6 +115,13 @@ class LoopDetector:
         self.positions[key] = np.asarray(odom_pose[:3, 3], dtype=float)
         return DetectedKeyframe(key, features, candidates)
 
+    def add_undescribed(self, odom_pose: np.ndarray) -> int:
+        """A keyframe whose network pass was shed under overload: an id and a position, no descriptor, so it is
+        never a query nor a candidate, but the keyframe itself (its pose and cloud downstream) is kept."""
+        key = self.next_id()
+        self.positions[key] = np.asarray(odom_pose[:3, 3], dtype=float)
+        return key
+
     def stored_keypoints(self, key: int) -> BEVKeypoints | None:
         packed = self.keypoints.get(key)
         return None if packed is None else BEVKeypoints.unpack(packed)

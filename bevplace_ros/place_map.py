@@ -57,6 +57,9 @@ class PlaceMap:
                      detection: LoopDetectorConfig | None = None) -> DetectedKeyframe:
         return self.detector.add_keyframe(stamp, points, odom_pose, bev, detection)
 
+    def add_undescribed(self, odom_pose: np.ndarray) -> int:
+        return self.detector.add_undescribed(odom_pose)
+
     def save(self, path: str | Path) -> Path:
         d = self.detector
         keys = sorted(d.positions)

@@ -61,9 +61,8 @@ def test_a_place_node_fed_faster_than_it_works_keeps_every_keyframe_and_counts_t
     from bevplace_ros.nodes.place_recognition_node import PlaceRecognitionNode
 
     overrides = [Parameter("place.weights", value="random"), Parameter("points_qos", value="reliable"), Parameter("scan_queue", value=1),
-                 Parameter("keyframe_queue", value=2), Parameter("shed.single_candidate_backlog", value=0),
-                 Parameter("shed.no_rerank_backlog", value=1), Parameter("retrieval.exclude_recent", value=2),
-                 Parameter("retrieval.exclude_seconds", value=0.0)]
+                 Parameter("keyframe_queue", value=3), Parameter("shed.single_candidate_backlog", value=0),
+                 Parameter("shed.no_rerank_backlog", value=1), Parameter("shed.undescribed_backlog", value=1)]
     node = PlaceRecognitionNode(context=ros_context, parameter_overrides=overrides)
     talker = rclpy.create_node("driver", context=ros_context)
     executor = MultiThreadedExecutor(context=ros_context)
@@ -72,7 +71,9 @@ def test_a_place_node_fed_faster_than_it_works_keeps_every_keyframe_and_counts_t
     clouds = talker.create_publisher(PointCloud2, "points", RELIABLE)
     odometry = talker.create_publisher(Odometry, "odom", RELIABLE)
     keyframe_stamps: list[int] = []
-    talker.create_subscription(Keyframe, "keyframes", lambda k: keyframe_stamps.append(stamp_to_ns(k.header.stamp)), KEYFRAMES_QOS)
+    undescribed: list[int] = []
+    talker.create_subscription(Keyframe, "keyframes", lambda k: (keyframe_stamps.append(stamp_to_ns(k.header.stamp)),
+                                                                 undescribed.extend([k.id] if not len(k.descriptor) else [])), KEYFRAMES_QOS)
     counters = _diagnostics(talker, node.get_fully_qualified_name())
     poses, rng = _poses(60), np.random.default_rng(0)
     stamps = [10**9 + i * SCAN_PERIOD_NS for i in range(len(poses))]
@@ -98,8 +99,20 @@ def test_a_place_node_fed_faster_than_it_works_keeps_every_keyframe_and_counts_t
     assert keyframe_stamps == expected, "every keyframe the selector picks offline, in order, none lost"
     dropped = int(counters["dropped.scans_behind"])
     assert dropped > 0 and int(counters["processed"]) + dropped == len(stamps), counters
-    assert counters["dropped.unexamined"] == "0" and int(counters["shed.candidates"]) > 0, counters
+    assert counters["dropped.unexamined"] == "0" and int(counters.get("shed.description", 0)) == len(undescribed) > 0, counters
     assert not [k for k in counters if k.startswith("skipped.")], counters
+
+
+def test_the_place_node_sheds_candidates_then_re_ranking_as_keyframes_pile_up(ros_context):
+    from bevplace_ros.nodes.place_recognition_node import PlaceRecognitionNode
+
+    node = PlaceRecognitionNode(context=ros_context, parameter_overrides=[Parameter("place.weights", value="random")])
+    try:
+        steps = [node._detection(backlog) for backlog in range(6)]  # the defaults: more than 2, more than 4 keyframes waiting
+    finally:
+        node.destroy_node()
+    assert [(c.top_k, c.rerank_k) for c in steps] == [(3, 10)] * 3 + [(1, 10)] * 2 + [(1, 0)]
+    assert node.diagnostics.shed_counts == {"candidates": 3, "rerank": 1}
 
 
 def test_a_scan_that_arrives_before_its_odometry_waits_for_it(ros_context):

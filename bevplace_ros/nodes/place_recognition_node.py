@@ -21,7 +21,7 @@ from std_msgs.msg import Header
 from bevplace_ros.bev import BEV_PRESETS, BEVConfig, make_bev
 from bevplace_ros.device import DEVICE_CHOICES
 from bevplace_ros.keyframe_selector import KeyframeSelector, KeyframeSelectorConfig
-from bevplace_ros.loop_detector import Candidate, DetectedKeyframe, LoopDetectorConfig
+from bevplace_ros.loop_detector import Candidate, LoopDetectorConfig
 from bevplace_ros.models.checkpoint import MODEL_KINDS
 from bevplace_ros.msg import Keyframe, LoopCandidate
 from bevplace_ros.nodes.conversions import (
@@ -126,9 +126,13 @@ PARAMS = [
               "its top-ranked candidate (shed.candidates).", 0, 100_000, runtime=False),
     ParamSpec("shed.no_rerank_backlog", 4, "Shedding, step 2 (at least step 1's backlog): with more keyframes than this waiting, "
               "candidates keep the descriptor order, no BEV re-ranking (shed.rerank).", 0, 100_000, runtime=False),
+    ParamSpec("shed.undescribed_backlog", 8, "Shedding, step 3 (at least step 2's backlog): with more keyframes than this waiting, a "
+              "keyframe skips the network: published with its pose and cloud but no descriptor, it is never a loop query nor a "
+              "candidate (shed.description). Keeps the keyframe queue, and the delay to a keyframe, bounded.", 0, 100_000, runtime=False),
     TORCH_THREADS,
-    ParamSpec("odom_wait", 0.5, "A scan newer than the latest odometry waits this long [s] for odometry at or after its stamp (then "
-              "it is looked up as it can be, or skipped as 'no odometry').", 0.0, 60.0),
+    ParamSpec("odom_wait", 2.0, "A scan newer than the latest odometry waits up to this long after its arrival [s] for odometry at "
+              "or after its stamp, then it is looked up as it can be, or skipped as 'no odometry' (on a loaded machine the odometry "
+              "callback can run over half a second after the scan's).", 0.0, 60.0),
     ParamSpec("scan_timeout", 5.0, "Warn when odometry arrives but no scan has for this long [s]; 0 disables.", 0.0, 3600.0),
 ]
 
@@ -169,8 +173,10 @@ class PlaceRecognitionNode(Node):
         self.map = PlaceMap(map_cfg, self.bev_cfg, config_from_params(LoopDetectorConfig, p, "retrieval."))
         self.selector = KeyframeSelector(config_from_params(KeyframeSelectorConfig, p, "keyframe."))
         self.scan_checks = config_from_params(ScanCheckConfig, p, "")
-        if not p["scan_queue"] <= p["scan_queue_limit"] or not p["shed.single_candidate_backlog"] <= p["shed.no_rerank_backlog"]:
-            raise ValueError("need scan_queue <= scan_queue_limit and shed.single_candidate_backlog <= shed.no_rerank_backlog (the order of shedding)")
+        if not (p["scan_queue"] <= p["scan_queue_limit"]
+                and p["shed.single_candidate_backlog"] <= p["shed.no_rerank_backlog"] <= p["shed.undescribed_backlog"]):
+            raise ValueError("need scan_queue <= scan_queue_limit and shed.single_candidate_backlog <= shed.no_rerank_backlog <= "
+                             "shed.undescribed_backlog (the order of shedding)")
         self.odometry = OdometryBuffer(max_gap=p["odom_max_gap"])
         self._odom_cond = threading.Condition()  # guards the odometry; notified when some arrives (a scan may wait for it)
         self._latest_odom_s = -math.inf
@@ -393,13 +399,18 @@ class PlaceRecognitionNode(Node):
         return points
 
     def _describe(self, job: _KeyframeJob) -> None:
-        """Second stage, keyframes only: network, retrieval, publication; sheds candidates, then re-ranking, when keyframes pile up."""
+        """Second stage, keyframes only: network, retrieval, publication; sheds candidates, re-ranking, then the network
+        itself, as keyframes pile up."""
         try:
+            backlog = self.keyframe_worker.pending()
+            if backlog > self.params["shed.undescribed_backlog"]:
+                self.diagnostics.shed("description", f"place recognition is behind ({backlog} keyframes waiting): a keyframe published "
+                                                     "without descriptor, never a loop query nor candidate")
+                return self._publish(job, self.map.add_undescribed(job.T_odom_sensor), np.zeros(0, np.float32), [])
             start = time.perf_counter()
-            detected = self.map.add_keyframe(job.stamp_ns * 1e-9, job.points, job.T_odom_sensor, job.bev,
-                                             self._detection(self.keyframe_worker.pending()))
+            detected = self.map.add_keyframe(job.stamp_ns * 1e-9, job.points, job.T_odom_sensor, job.bev, self._detection(backlog))
             self.latency_ms.append(job.bev_ms + (time.perf_counter() - start) * 1e3)
-            self._publish(job, detected)
+            return self._publish(job, detected.id, detected.features.descriptor, detected.candidates)
         finally:
             self._count_handled()
 
@@ -415,18 +426,18 @@ class PlaceRecognitionNode(Node):
             self.diagnostics.shed("rerank", f"place recognition is behind ({backlog} keyframes waiting): no BEV re-ranking of a keyframe's places")
         return cfg
 
-    def _publish(self, job: _KeyframeJob, detected: DetectedKeyframe) -> None:
+    def _publish(self, job: _KeyframeJob, key: int, descriptor: np.ndarray, candidates: list[Candidate]) -> None:
         cloud_header, points = job.header, job.points
         keep = voxel_representatives(points[:, :3].astype(np.float64), self.params["keyframe_cloud_voxel"])
         keyframe = Keyframe(
-            header=Header(stamp=cloud_header.stamp, frame_id=job.odom_frame), id=detected.id,
+            header=Header(stamp=cloud_header.stamp, frame_id=job.odom_frame), id=key,
             sensor_frame=cloud_header.frame_id, odom_pose=pose_with_covariance(job.T_odom_sensor, job.covariance),
             travelled_distance=job.travelled, cloud=xyzi_cloud(cloud_header, points[keep]),
-            descriptor=detected.features.descriptor.astype(np.float32), descriptor_model=self.map.model_id,
+            descriptor=descriptor.astype(np.float32), descriptor_model=self.map.model_id,
         )
         self.keyframe_pub.publish(keyframe)
         self.keyframes_published += 1
-        for candidate in detected.candidates:
+        for candidate in candidates:
             self.candidate_pub.publish(self._candidate_msg(cloud_header, candidate))
             self.candidates_published += 1
 
