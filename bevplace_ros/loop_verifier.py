@@ -18,6 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 from bevplace_ros.keyframe_store import KeyframeStore, KeyframeStoreConfig
 from bevplace_ros.registration import Registrar, RegistrationConfig, RegistrationInputError, RegistrationResult
@@ -105,14 +106,12 @@ class LoopVerifier:
 
     def _region_overlap(self, T_match_query: np.ndarray, query, match) -> tuple[int, int]:
         """(overlapping, populated) azimuth sectors of the query cloud near the sensor."""
-        from scipy.spatial import cKDTree
-
         points = np.asarray(query.gicp_points, dtype=float)
         points = points[np.hypot(points[:, 0], points[:, 1]) <= self.cfg.region_radius]
         if len(points) == 0:
             return 0, 0
-        dist, _ = cKDTree(np.asarray(match.gicp_points, dtype=float)).query(transform_points(T_match_query, points),
-                                                                             distance_upper_bound=self.cfg.region_distance)
+        dist, _ = match.features["region_tree"].query(transform_points(T_match_query, points),
+                                                      distance_upper_bound=self.cfg.region_distance)
         n = self.cfg.region_sectors
         sector = np.minimum(((np.arctan2(points[:, 1], points[:, 0]) + np.pi) / (2 * np.pi) * n).astype(int), n - 1)
         total = np.bincount(sector, minlength=n)
@@ -129,6 +128,9 @@ class LoopVerifier:
         if points is None:
             raise UnknownKeyframe(f"no cloud stored for keyframe {key} (never received, or dropped by the store bound)")
         prepared = self.registrar.preprocess(points, f"keyframe {key}")
+        start = time.perf_counter()  # the region check's k-d tree, once per keyframe instead of once per candidate
+        prepared.features["region_tree"] = cKDTree(np.asarray(prepared.gicp_points, dtype=float))
+        prepared.timings["region_tree"] = (time.perf_counter() - start) * 1e3
         self._prepared[key] = prepared
         self._prepared_bytes[key] = prepared.nbytes()
         while len(self._prepared) > 2 and sum(self._prepared_bytes.values()) > self.cfg.prepared_cache_mib * 2**20:
