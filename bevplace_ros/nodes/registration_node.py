@@ -21,7 +21,7 @@ from bevplace_ros.nodes.diagnostics import NodeDiagnostics
 from bevplace_ros.nodes.map_services import serve_save_load
 from bevplace_ros.nodes.parameters import ParamSpec, config_from_params, declare_parameters, specs_from_config, updated_config
 from bevplace_ros.nodes.qos import KEYFRAMES_QOS
-from bevplace_ros.nodes.worker import TORCH_THREADS, QueueWorker, limit_torch_threads
+from bevplace_ros.nodes.worker import QueueWorker
 from bevplace_ros.pointcloud2 import PointCloud2Error, xyz_intensity
 from bevplace_ros.registration import RegistrationConfig
 from bevplace_ros.registration.registrar import METHODS, method_options
@@ -59,7 +59,6 @@ PARAMS = [
     ParamSpec("store.spill_dir", KeyframeStoreConfig.spill_dir, "Folder for spilled clouds; empty drops the oldest instead.", runtime=False),
     ParamSpec("queue_size", 100, "Pending loop candidates; beyond it the oldest are dropped with a warning (dropped.behind: shedding, "
               "step 3, the last resort).", 1, 100000, runtime=False),
-    TORCH_THREADS,
     ParamSpec("shed.rank_backlog", 3, "Shedding, step 1: with more candidates of later keyframes waiting than this, candidates of rank >= 1 "
               "are skipped unverified (shed.low_rank); a keyframe's own candidates never count, so a lock-step replay never sheds.",
               0, 100000, runtime=False),
@@ -80,7 +79,6 @@ class RegistrationNode(Node):
         super().__init__("registration_node", **kwargs)
         self.params = declare_parameters(self, PARAMS, self._on_change)
         p = self.params
-        limit_torch_threads(p["torch_threads"])
         registration = RegistrationConfig(
             weights=p["registration.weights"] or RegistrationConfig.weights, device=p["registration.device"], **method_options(p["registration.method"]),
             classical_fallback=p["registration.classical_fallback"],

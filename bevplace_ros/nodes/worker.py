@@ -17,13 +17,13 @@ from bevplace_ros.nodes.parameters import ParamSpec
 
 # One thread by default: on the shared 2-core machine a place keyframe took 194 ms on 1 thread and 775 ms on torch's
 # default 2 (README: nodes); OpenMP threads spin against each other and against the other nodes' processes.
-TORCH_THREADS = ParamSpec("torch_threads", 1, "Torch intra-op threads of this node's networks; 0: torch's default (one per core). "
-                          "The launch file's three processes share the cores, so more threads per process oversubscribe them.",
-                          0, 256, runtime=False)
+TORCH_THREADS = ParamSpec("torch_threads", 1, "Torch intra-op threads of the place network; 0: torch's default (one per core). "
+                          "The launch file's three processes share the cores, so more threads per process oversubscribe them "
+                          "(registration runs its torch parts on one thread already).", 0, 256, runtime=False)
 
 
 def limit_torch_threads(count: int) -> None:
-    """Apply TORCH_THREADS (process-wide: the last node of an in-process replay sets it, all with the same value)."""
+    """Apply TORCH_THREADS (process-wide: in an in-process replay the registrar sets its own one thread too)."""
     if count:
         import torch
 
