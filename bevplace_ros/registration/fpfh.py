@@ -66,13 +66,12 @@ def cloud_fpfh(cloud: PreparedCloud) -> np.ndarray:
 
 @dataclass(frozen=True)
 class FpfhConfig:
-    """Radii of the per-keyframe FPFH. Faster-PFH's gains at KISS-Matcher's 1 m voxel would be 3 and 5 m; 2.5 and 6 m
-    registered more validation pairs 10-14 m apart (13 vs 11 of 20) and the repetitive corridor's reverse revisit
-    that 3 / 5 m flipped by 180 deg (docs/registration.md)."""
+    """Radii of the per-keyframe FPFH: Faster-PFH's gains of 3 and 5 voxels at KISS-Matcher's 1 m voxel (2.5 / 6 m
+    registered 2 more of 20 validation pairs 10-14 m apart but let 2 false loops into the demo: docs/registration.md)."""
 
-    normal_radius: float = 2.5  # metres; plane fit for the normal
-    feature_radius: float = 6.0  # metres; neighbours whose pair features enter the histogram
-    max_neighbors: int = 128  # cap per ball, the nearest kept (a 6 m ball of a 1 m-voxel KITTI scan: median 103, 22 % > 128)
+    normal_radius: float = 3.0  # metres; plane fit for the normal
+    feature_radius: float = 5.0  # metres; neighbours whose pair features enter the histogram
+    max_neighbors: int = 128  # cap per ball, the nearest kept (a 5 m ball of a 1 m-voxel KITTI scan: <= ~150 points)
     min_neighbors: int = 3  # fewer valid neighbours give no stable normal or histogram: the point is dropped
 
     def __post_init__(self) -> None:
