@@ -273,6 +273,7 @@ def test_bad_clouds_are_rejected_with_a_named_reason_quickly(method, kitti, rng)
     cases = {"finite points": rng.uniform(-20, 20, (50, 3)), "finite points ": nan_rows,
              "collinear": _line(rng), "coplanar": _plane(rng)}
     verifier.add_keyframe(0, good)
+    verifier.prepare(0)  # the good keyframe is prepared (features once) before its candidates, as in the node
     for key, (reason, cloud) in enumerate(cases.items(), start=1):
         verifier.add_keyframe(key, cloud)
         for query, match in ((key, 0), (0, key)):
@@ -294,7 +295,8 @@ def test_identical_clouds_give_identity_with_covariance_and_nan_rows_are_dropped
     holed[rng.choice(len(holed), 500, replace=False), :3] = np.nan  # NaN rows are dropped, the rest registers
     for key, cloud in enumerate((scans[0][::4], scans[0][::4], holed)):
         verifier.add_keyframe(key, cloud)
-    verifier.verify(0, 0)  # prepares (and caches) keyframe 0, as the node does before its candidates
+    for key in (0, 1):  # prepared (features once) before their candidates, as in the node
+        verifier.prepare(key)
     for query, match in ((0, 0), (0, 1)):
         start = time.perf_counter()
         res = verifier.verify(query, match)
