@@ -180,9 +180,11 @@ def _node_log_dir(options: ReplayOptions) -> Path:
 
 
 def _diagnostics_settled(run: ReplayRun) -> bool:
-    """Every scan the place node received is handled or dropped, and registration answered or dropped every candidate."""
+    """Every scan the place node received is handled or dropped, registration answered or dropped every candidate,
+    and the pose graph took every keyframe (it can lag minutes behind the input on a busy machine)."""
     place, registration = run.diagnostics.get("/place_recognition_node"), run.diagnostics.get("/registration_node")
-    if place is None or registration is None:
+    graph = run.diagnostics.get("/pose_graph_node")
+    if place is None or registration is None or graph is None:
         return False
 
     def count(values: dict[str, str], *keys: str) -> int:
@@ -191,7 +193,8 @@ def _diagnostics_settled(run: ReplayRun) -> bool:
 
     return (count(place, "handled", "dropped.") >= count(place, "received")
             and count(registration, "candidates", "dropped.", "shed.") >= count(place, "candidates")
-            and count(registration, "keyframes") >= count(place, "keyframes"))
+            and count(registration, "keyframes") >= count(place, "keyframes")
+            and count(graph, "keyframes_handled") >= count(place, "keyframes"))
 
 
 class _Spinner:
