@@ -32,7 +32,7 @@ from bevplace_ros.se3 import xyyaw_to_matrix
 PARAMS = [
     ParamSpec("registration.weights", "", "Registration network weights (.pt); empty = the shipped weights.", runtime=False),
     ParamSpec("registration.device", RegistrationConfig.device, "Torch device for the matcher.", choices=DEVICE_CHOICES, runtime=False),
-    ParamSpec("registration.method", RegistrationConfig().method, "Global registration: 'fpfh_ransac' (hand-written FPFH + RANSAC), 'kiss_matcher' (KISS-Matcher) or 'network' (RoITr-lite); docs/registration.md compares them.", choices=METHODS, runtime=False),
+    ParamSpec("registration.method", RegistrationConfig().method, "Global registration: 'kiss_matcher' (KISS-Matcher on per-keyframe FPFH) or 'network' (RoITr-lite); docs/registration.md compares them.", choices=METHODS, runtime=False),
     ParamSpec("registration.classical_fallback", RegistrationConfig.classical_fallback, "With method 'network': retry a rejected pair with KISS-Matcher.", runtime=False),
     ParamSpec("registration.refine", RefineConfig.enabled, "Refine the coarse pose with small_gicp GICP.", runtime=False),
     *specs_from_config(VerificationConfig, "verification.", {

@@ -1,4 +1,4 @@
-"""LiDAR registration from any yaw (KISS-Matcher, FPFH + RANSAC or the RoITr-lite network) with GICP refinement, covariance and verification."""
+"""LiDAR registration from any yaw (KISS-Matcher on per-keyframe FPFH, or the RoITr-lite network) with GICP refinement, covariance and verification."""
 
 from bevplace_ros.registration.errors import (
            RegistrationCheckpointError,

@@ -1,7 +1,7 @@
-"""Robust pose from correspondences: local-to-global hypotheses (network) or RANSAC (FPFH baseline).
+"""Robust pose from the network's correspondences: local-to-global hypotheses (GeoTransformer's LGR).
 
-Both generate many candidate transforms with a batched weighted Kabsch, score every candidate on
-all correspondences at once, and polish the winner by re-solving on its inliers (GeoTransformer's LGR).
+One candidate transform per matched patch pair with a batched weighted Kabsch, every candidate scored
+on all correspondences at once, the winner polished by re-solving on its inliers.
 """
 
 from __future__ import annotations
@@ -20,15 +20,14 @@ class PoseConfig:
     inlier_distance: float = 1.2  # metres; ~fine voxel size, the spacing error of fine matches
     min_group_size: int = 3  # patch pairs with fewer fine matches give no hypothesis
     refine_iterations: int = 5
-    ransac_iterations: int = 5000  # hypotheses drawn by RANSAC (FPFH path only)
-    ransac_chunk: int = 500  # hypotheses scored at once, bounding memory to chunk x correspondences
+    hypothesis_chunk: int = 500  # hypotheses scored at once, bounding memory to chunk x correspondences
 
     def __post_init__(self) -> None:
         if not self.inlier_distance > 0:
             raise ValueError(f"inlier_distance must be > 0, got {self.inlier_distance}")
         if self.min_group_size < 3:
             raise ValueError(f"min_group_size must be >= 3 (a rigid pose needs 3 points), got {self.min_group_size}")
-        for name in ("refine_iterations", "ransac_iterations", "ransac_chunk"):
+        for name in ("refine_iterations", "hypothesis_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -68,7 +67,7 @@ def select_and_refine(hypotheses: torch.Tensor, src: torch.Tensor, tgt: torch.Te
                       cfg: PoseConfig) -> PoseEstimate:
     """Pick the hypothesis with the largest inlier weight, then re-fit it on its own inliers."""
     best_score, best = -1.0, hypotheses[0]
-    for chunk in hypotheses.split(cfg.ransac_chunk):
+    for chunk in hypotheses.split(cfg.hypothesis_chunk):
         score = ((_residuals(chunk, src, tgt) < cfg.inlier_distance) * weight).sum(dim=1)
         i = int(score.argmax())
         if float(score[i]) > best_score:
@@ -107,16 +106,3 @@ def local_to_global(corr: Correspondences, cfg: PoseConfig, extra: torch.Tensor 
         return None
     return select_and_refine(hypotheses, src, tgt, w, cfg)
 
-
-def ransac(src: torch.Tensor, tgt: torch.Tensor, cfg: PoseConfig, generator: torch.Generator,
-           extra: torch.Tensor | None = None) -> PoseEstimate | None:
-    """Classic 3-point RANSAC, all samples (+ `extra` hypotheses) solved and scored in batches."""
-    src, tgt = src.double(), tgt.double()
-    if len(src) < 3:
-        return None
-    samples = torch.randint(len(src), (cfg.ransac_iterations, 3), generator=generator).to(src.device)
-    ones = src.new_ones(cfg.ransac_iterations, 3)
-    hypotheses = weighted_kabsch(src[samples], tgt[samples], ones)
-    if extra is not None:
-        hypotheses = torch.cat([hypotheses, extra.to(hypotheses)], dim=0)
-    return select_and_refine(hypotheses, src, tgt, src.new_ones(len(src)), cfg)

@@ -26,7 +26,7 @@ from bevplace_ros.registration.refine import RefineConfig, coarse_source, gicp_r
 from bevplace_ros.registration.verification import VerificationConfig, verify
 
 
-CLASSICAL_METHODS = ("fpfh_ransac", "kiss_matcher")
+CLASSICAL_METHODS = ("kiss_matcher",)  # the hand-written FPFH + RANSAC lost to it on every figure (docs/registration.md)
 METHODS = ("network", *CLASSICAL_METHODS)
 
 
@@ -43,13 +43,11 @@ class RegistrationConfig:
 
     weights: str = str(DEFAULT_WEIGHTS)
     device: str = "auto"
-    # KISS-Matcher leads the held-out and real-pair figures (docs/registration.md): verification precision 1.00 at
-    # loop RR 0.99, fastest per pair; FPFH + RANSAC stays (loop RR 1.00 but precision 0.99), the network trails.
+    # KISS-Matcher leads the held-out and real-pair figures (docs/registration.md); the network trails.
     use_network: bool = False  # True: the RoITr-lite matcher (with classical_fallback); False: `classical` alone
     classical: str = "kiss_matcher"  # one of CLASSICAL_METHODS: the classical path, alone or as the network's fallback
     classical_fallback: bool = True  # retry a network result that fails verification with `classical`
     torch_threads: int = 1  # CPU threads for torch; 1 avoids OpenMP spinning on a shared 2-core box
-    seed: int = 0  # RANSAC sampling
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     kiss: KissConfig = field(default_factory=KissConfig)
     matching: MatchingConfig = field(default_factory=MatchingConfig)
@@ -183,15 +181,10 @@ class Registrar:
         return result
 
     def _classical_features(self, cloud: PreparedCloud) -> None:
-        """What the classical method needs from one cloud, cached on it (FPFH, or KISS-Matcher's voxelised input)."""
-        if self.cfg.classical == "kiss_matcher":
-            from bevplace_ros.registration.kiss import kiss_features
+        """What KISS-Matcher needs from one cloud (keypoints + FPFH), cached on it."""
+        from bevplace_ros.registration.kiss import kiss_features
 
-            kiss_features(cloud, self.cfg.kiss)
-        else:
-            from bevplace_ros.registration.fpfh import cloud_fpfh
-
-            cloud_fpfh(cloud)
+        kiss_features(cloud, self.cfg.kiss)
 
     def _attempt(self, src: PreparedCloud, tgt: PreparedCloud, guess: np.ndarray | None, network: bool
                  ) -> RegistrationResult:
@@ -222,7 +215,7 @@ class Registrar:
 
     def _estimate(self, src: PreparedCloud, tgt: PreparedCloud, guess: np.ndarray | None,
                   timings: dict[str, float], network: bool) -> tuple[PoseEstimate | None, tuple[np.ndarray, np.ndarray]]:
-        """Robust pose from network (LGR), FPFH (RANSAC) or KISS-Matcher correspondences, and the matched points."""
+        """Robust pose from network (LGR) or KISS-Matcher correspondences, and the matched points."""
         import torch
 
         from bevplace_ros.registration import pose_estimation as pe
@@ -234,26 +227,15 @@ class Registrar:
             return PoseEstimate(transform=torch.eye(4, dtype=torch.float64), inliers=torch.ones(len(points), dtype=torch.bool),
                                 inlier_ratio=1.0, num_hypotheses=1), (src.fine_points, src.fine_points)
         extra = None if guess is None else torch.as_tensor(guess, device=self.device)[None]  # prior = 1 hypothesis
+        if not network:  # KISS-Matcher takes no prior: it has no hypothesis to add
+            estimate, src_pts, tgt_pts = self._kiss(src, tgt, timings)
+            return estimate, (src_pts.numpy(), tgt_pts.numpy())
         with torch.inference_mode():
-            if not network and self.cfg.classical == "kiss_matcher":  # no prior: it has no hypothesis to add
-                estimate, src_pts, tgt_pts = self._kiss(src, tgt, timings)
-                return estimate, (src_pts.numpy(), tgt_pts.numpy())
-            if network:
-                corr = self._network_correspondences(src, tgt)
-                timings["match"] = (time.perf_counter() - t0) * 1e3
-                t1 = time.perf_counter()
-                estimate = pe.local_to_global(corr, self.cfg.pose, extra)
-                src_pts, tgt_pts = corr.src, corr.tgt
-            else:
-                from bevplace_ros.registration.fpfh import cloud_fpfh, mutual_matches
-
-                ia, ib = mutual_matches(cloud_fpfh(src), cloud_fpfh(tgt))
-                src_pts = torch.as_tensor(src.fine_points[ia], device=self.device)
-                tgt_pts = torch.as_tensor(tgt.fine_points[ib], device=self.device)
-                timings["match"] = (time.perf_counter() - t0) * 1e3
-                t1 = time.perf_counter()
-                gen = torch.Generator().manual_seed(self.cfg.seed)
-                estimate = pe.ransac(src_pts, tgt_pts, self.cfg.pose, gen, extra)
+            corr = self._network_correspondences(src, tgt)
+            timings["match"] = (time.perf_counter() - t0) * 1e3
+            t1 = time.perf_counter()
+            estimate = pe.local_to_global(corr, self.cfg.pose, extra)
+            src_pts, tgt_pts = corr.src, corr.tgt
         timings["pose"] = (time.perf_counter() - t1) * 1e3
         return estimate, (src_pts.double().cpu().numpy(), tgt_pts.double().cpu().numpy())
 
