@@ -2,7 +2,7 @@
 
 The library's own `estimate` recomputes Faster-PFH for both clouds on every pair (its descriptors stay in
 C++). Here the FPFH of each keyframe is computed once with the same recipe (`fpfh.radius_fpfh`, radii of
-3 and 5 voxels) and cached on the prepared cloud; a pair costs the mutual matching plus KISS-Matcher's
+3 and 5 voxels) and cached on the prepared cloud; a pair costs the mutual top-k matching plus KISS-Matcher's
 `prune_and_solve` (ROBIN max-core pruning + GNC-TLS) on those matches.
 """
 
