@@ -152,25 +152,44 @@ def _keyframe(key: int, cloud: np.ndarray) -> Keyframe:
                     cloud=xyzi_cloud(Header(stamp=header.stamp, frame_id="lidar"), cloud), descriptor=[1.0])
 
 
-def test_a_registration_node_fed_a_burst_sheds_low_rank_candidates_first_and_says_so(ros_context, capfd):
-    from bevplace_ros.nodes.registration_node import RegistrationNode
+class _RegistrationBench:
+    """A registration node and a stand-in place node (publishes keyframes and candidates, records closures and /diagnostics)."""
 
-    node = RegistrationNode(context=ros_context, parameter_overrides=[Parameter("shed.redundant_backlog", value=10_000)])
-    talker = rclpy.create_node("place_node", context=ros_context)
-    executor = MultiThreadedExecutor(context=ros_context)
-    for n in (node, talker):
-        executor.add_node(n)
-    keyframes = talker.create_publisher(Keyframe, "keyframes", KEYFRAMES_QOS)
-    candidates = talker.create_publisher(LoopCandidate, "loop_candidates", RELIABLE)
-    closures: list[LoopClosure] = []
-    talker.create_subscription(LoopClosure, "loop_closures", closures.append, RELIABLE)
-    counters = _diagnostics(talker, node.get_fully_qualified_name())
+    def __init__(self, ros_context, overrides: list[Parameter]) -> None:
+        from bevplace_ros.nodes.registration_node import RegistrationNode
+
+        self.node = RegistrationNode(context=ros_context, parameter_overrides=overrides)
+        self.talker = rclpy.create_node("place_node", context=ros_context)
+        self.executor = MultiThreadedExecutor(context=ros_context)
+        for n in (self.node, self.talker):
+            self.executor.add_node(n)
+        self.keyframes = self.talker.create_publisher(Keyframe, "keyframes", KEYFRAMES_QOS)
+        self.candidates = self.talker.create_publisher(LoopCandidate, "loop_candidates", RELIABLE)
+        self.closures: list[LoopClosure] = []
+        self.talker.create_subscription(LoopClosure, "loop_closures", self.closures.append, RELIABLE)
+        self.counters = _diagnostics(self.talker, self.node.get_fully_qualified_name())
+
+    def parts(self) -> tuple:
+        return self.node, self.executor, self.keyframes, self.candidates, self.closures, self.counters
+
+    def matched(self) -> bool:
+        return bool(self.keyframes.get_subscription_count() and self.candidates.get_subscription_count()
+                    and self.talker.count_publishers("loop_closures"))
+
+    def close(self) -> None:
+        self.executor.shutdown()
+        for n in (self.node, self.talker):
+            n.destroy_node()
+
+
+def test_a_registration_node_fed_a_burst_sheds_low_rank_candidates_first_and_says_so(ros_context, capfd):
+    bench = _RegistrationBench(ros_context, [Parameter("shed.redundant_backlog", value=10_000)])
+    node, executor, keyframes, candidates, closures, counters = bench.parts()
     rng = np.random.default_rng(0)
     count, per_keyframe = 14, 3
     sent = [(q, q - 10 + r, r) for q in range(10, 10 + count) for r in range(per_keyframe)]  # (query, match, rank)
     try:
-        assert spin_until(executor, lambda: keyframes.get_subscription_count() and candidates.get_subscription_count()
-                          and talker.count_subscribers("loop_closures") >= 1 and talker.count_publishers("loop_closures"))
+        assert spin_until(executor, bench.matched)
         for key in range(10 + count):
             keyframes.publish(_keyframe(key, _scene(rng)))
         assert spin_until(executor, lambda: node.keyframes_handled == 10 + count)
@@ -179,9 +198,7 @@ def test_a_registration_node_fed_a_burst_sheds_low_rank_candidates_first_and_say
         assert spin_until(executor, lambda: node.worker.handled == len(sent) and node.idle(), 240.0), node.worker.handled
         assert spin_until(executor, lambda: len(closures) == node.closures_published and counters.get("candidates") == str(len(sent)), 30.0)
     finally:
-        executor.shutdown()
-        for n in (node, talker):
-            n.destroy_node()
+        bench.close()
     answered = {(c.query_id, c.match_id) for c in closures}
     skipped = [(q, m, r) for q, m, r in sent if (q, m) not in answered]
     assert skipped and all(r >= 1 for _, _, r in skipped), "only candidates of rank >= 1 are shed at this backlog"
@@ -193,24 +210,12 @@ def test_a_registration_node_fed_a_burst_sheds_low_rank_candidates_first_and_say
 
 def test_beyond_its_backlog_a_registration_node_skips_candidates_redundant_with_a_verified_loop(ros_context):
     """Step 2: the same place seen again and again (one scene), one rank-0 candidate per keyframe, all at once."""
-    from bevplace_ros.nodes.registration_node import RegistrationNode
-
-    node = RegistrationNode(context=ros_context, parameter_overrides=[Parameter("shed.rank_backlog", value=0),
-                                                                      Parameter("shed.redundant_backlog", value=0)])
-    talker = rclpy.create_node("place_node", context=ros_context)
-    executor = MultiThreadedExecutor(context=ros_context)
-    for n in (node, talker):
-        executor.add_node(n)
-    keyframes = talker.create_publisher(Keyframe, "keyframes", KEYFRAMES_QOS)
-    candidates = talker.create_publisher(LoopCandidate, "loop_candidates", RELIABLE)
-    closures: list[LoopClosure] = []
-    talker.create_subscription(LoopClosure, "loop_closures", closures.append, RELIABLE)
-    counters = _diagnostics(talker, node.get_fully_qualified_name())
+    bench = _RegistrationBench(ros_context, [Parameter("shed.rank_backlog", value=0), Parameter("shed.redundant_backlog", value=0)])
+    node, executor, keyframes, candidates, closures, counters = bench.parts()
     scene = _scene(np.random.default_rng(0))
     sent = [(q, q - 10) for q in range(10, 24)]
     try:
-        assert spin_until(executor, lambda: keyframes.get_subscription_count() and candidates.get_subscription_count()
-                          and talker.count_publishers("loop_closures"))
+        assert spin_until(executor, bench.matched)
         for key in range(24):
             keyframes.publish(_keyframe(key, scene))
         assert spin_until(executor, lambda: node.keyframes_handled == 24)
@@ -219,9 +224,7 @@ def test_beyond_its_backlog_a_registration_node_skips_candidates_redundant_with_
         assert spin_until(executor, lambda: node.worker.handled == len(sent) and node.idle(), 240.0), node.worker.handled
         assert spin_until(executor, lambda: len(closures) == node.closures_published and counters.get("candidates") == str(len(sent)), 30.0)
     finally:
-        executor.shutdown()
-        for n in (node, talker):
-            n.destroy_node()
+        bench.close()
     verified = [(c.query_id, c.match_id) for c in closures if c.verified]
     skipped = [pair for pair in sent if pair not in {(c.query_id, c.match_id) for c in closures}]
     assert verified[0] == sent[0] and skipped, (verified, skipped)
