@@ -48,7 +48,10 @@ def test_recorded_bag_reads_back_with_rosbags(drive_replay):
     assert all(len(k.descriptor) > 0 and k.cloud.width > 100 for k in keyframes)
 
 
+@pytest.mark.long
 def test_save_restart_load_continues_the_same_map(drive, tmp_path):
+    """Long (~60 s): the default suite's save/load/continue run is test_sessions'
+    `test_replay_continues_a_saved_map_in_a_new_session_and_saves_both` (same drive, same split)."""
     first = replay_options(drive, tmp_path / "a", max_scans=40, save_map=tmp_path / "map", record=None)
     replay(first)
     assert {p.name for p in (tmp_path / "map").iterdir()} == {"place_map.npz", "keyframes.npz", "graph.npz"}
