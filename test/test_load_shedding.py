@@ -57,19 +57,23 @@ def _diagnostics(node, name: str) -> dict[str, str]:
     return latest
 
 
-def test_a_place_node_fed_faster_than_it_works_keeps_every_keyframe_and_counts_the_scans_it_dropped(ros_context):
+def _place_node_bench(ros_context, overrides: list[Parameter]) -> tuple:
+    """A place node and a driver publishing reliable clouds and odometry to it, on one executor."""
     from bevplace_ros.nodes.place_recognition_node import PlaceRecognitionNode
 
-    overrides = [Parameter("place.weights", value="random"), Parameter("points_qos", value="reliable"), Parameter("scan_queue", value=1),
-                 Parameter("keyframe_queue", value=3), Parameter("shed.single_candidate_backlog", value=0),
-                 Parameter("shed.no_rerank_backlog", value=1), Parameter("shed.undescribed_backlog", value=1)]
     node = PlaceRecognitionNode(context=ros_context, parameter_overrides=overrides)
     talker = rclpy.create_node("driver", context=ros_context)
     executor = MultiThreadedExecutor(context=ros_context)
     for n in (node, talker):
         executor.add_node(n)
-    clouds = talker.create_publisher(PointCloud2, "points", RELIABLE)
-    odometry = talker.create_publisher(Odometry, "odom", RELIABLE)
+    return node, talker, executor, talker.create_publisher(PointCloud2, "points", RELIABLE), talker.create_publisher(Odometry, "odom", RELIABLE)
+
+
+def test_a_place_node_fed_faster_than_it_works_keeps_every_keyframe_and_counts_the_scans_it_dropped(ros_context):
+    overrides = [Parameter("place.weights", value="random"), Parameter("points_qos", value="reliable"), Parameter("scan_queue", value=1),
+                 Parameter("keyframe_queue", value=3), Parameter("shed.single_candidate_backlog", value=0),
+                 Parameter("shed.no_rerank_backlog", value=1), Parameter("shed.undescribed_backlog", value=1)]
+    node, talker, executor, clouds, odometry = _place_node_bench(ros_context, overrides)
     keyframe_stamps: list[int] = []
     undescribed: list[int] = []
     talker.create_subscription(Keyframe, "keyframes", lambda k: (keyframe_stamps.append(stamp_to_ns(k.header.stamp)),
@@ -117,16 +121,8 @@ def test_the_place_node_sheds_candidates_then_re_ranking_as_keyframes_pile_up(ro
 
 def test_a_scan_that_arrives_before_its_odometry_waits_for_it(ros_context):
     """Odometry often comes a little after the scan: the scan gets the pose at its own stamp, not the last one known."""
-    from bevplace_ros.nodes.place_recognition_node import PlaceRecognitionNode
-
     overrides = [Parameter("place.weights", value="random"), Parameter("points_qos", value="reliable"), Parameter("odom_wait", value=30.0)]
-    node = PlaceRecognitionNode(context=ros_context, parameter_overrides=overrides)
-    talker = rclpy.create_node("driver", context=ros_context)
-    executor = MultiThreadedExecutor(context=ros_context)
-    for n in (node, talker):
-        executor.add_node(n)
-    clouds = talker.create_publisher(PointCloud2, "points", RELIABLE)
-    odometry = talker.create_publisher(Odometry, "odom", RELIABLE)
+    node, talker, executor, clouds, odometry = _place_node_bench(ros_context, overrides)
     poses: list[np.ndarray] = []
     talker.create_subscription(Keyframe, "keyframes", lambda k: poses.append(k.odom_pose.pose), KEYFRAMES_QOS)
     try:
