@@ -180,13 +180,16 @@ def realtime_summary(run, rate: float) -> dict:
         nodes[name] = {**run.node_usage.get(name.lstrip("/"), {}), "diagnostics": run.diagnostics.get(name, {})}
     rates = {topic: round((len(times) - 1) / (times[-1] - times[0]), 2) for topic, times in sorted(run.topic_received.items())
              if len(times) >= 2 and times[-1] > times[0]}
+    received = _counter_sum(place, "received")
     summary = {
         "rate": rate,
         "playback_s": round(playback_s, 2),
         "scans_published": run.scans_published,
         "scan_hz": round(run.scans_published / playback_s, 2),
         "keyframes_per_s": round(len(run.keyframe_stamps) / playback_s, 2),
-        "scans_received": _counter_sum(place, "received"),
+        "scans_received": received,
+        # best-effort sensor QoS: scans the place node never saw (socket buffer or reader history overflow under load)
+        "scans_not_received": run.scans_published - received,
         "scans_processed": _counter_sum(place, "processed"),
         "scans_dropped": _counter_sum(place, "dropped."),
         "keyframes_dropped": _counter_sum(place, "dropped.", exclude=("dropped.scans_behind",)),
@@ -220,7 +223,7 @@ def format_realtime(rt: dict) -> str:
     """The real-time table: input, per node CPU / memory / problem counters, latencies, output rates, goals."""
     lines = [
         f"real time x{rt['rate']:g}: {rt['scans_published']} scans in {rt['playback_s']:.1f} s ({rt['scan_hz']:.1f} Hz), "
-        f"keyframes {rt['keyframes_per_s']:.1f}/s; place node received {rt['scans_received']}, processed {rt['scans_processed']}, "
+        f"keyframes {rt['keyframes_per_s']:.1f}/s; place node received {rt['scans_received']} (not received {rt['scans_not_received']}), processed {rt['scans_processed']}, "
         f"dropped {rt['scans_dropped']} (keyframes {rt['keyframes_dropped']}); candidates dropped {rt['candidates_dropped']}",
         "",
         f"{'node':<26}{'cpu %':>8}{'cpu s':>8}{'after s':>9}{'peak MiB':>10}  problems (dropped.*, skipped.*, shed.*, lost)",
