@@ -179,7 +179,29 @@ def read_points_numpy(
 
 def xyz_intensity(cloud: Any) -> np.ndarray:
     """(N, 4) float32 x, y, z, intensity of the finite points; intensity is 0 when absent."""
+    return _xyzi(read_points(cloud, skip_nans=True))
+
+
+class Scan(NamedTuple):
+    """A decoded LiDAR sweep: finite points and, when the driver gives them, their firing times."""
+
+    points: np.ndarray  # (N, 4) float32 x, y, z, intensity
+    offsets: np.ndarray | None  # (N,) seconds from the header stamp to each point's firing; None without a time field
+
+
+# per-point time fields of common drivers, first match wins: Velodyne `time` (float32 s after the stamp), Ouster `t`
+# (uint32 ns after it), Hesai / Robosense / Livox `timestamp` (float64 s or ns, absolute), Livox `offset_time` (uint32 ns)
+TIME_FIELDS = ("time", "t", "timestamp", "time_stamp", "offset_time")
+MAX_SWEEP_S = 1.0  # a per-point time further than this from the stamp is not the time of one sweep
+
+
+def decode_scan(cloud: Any, stamp_ns: int) -> Scan:
+    """Points and per-point time offsets in seconds, whatever the driver's time field name and unit."""
     points = read_points(cloud, skip_nans=True)
+    return Scan(_xyzi(points), _time_offsets(points, stamp_ns))
+
+
+def _xyzi(points: np.ndarray) -> np.ndarray:
     out = np.zeros((points.shape[0], 4), dtype=np.float32)
     for column, name in enumerate(("x", "y", "z")):
         out[:, column] = points[name]
@@ -188,6 +210,26 @@ def xyz_intensity(cloud: Any) -> np.ndarray:
             raise PointCloud2Error("field 'intensity' must have count 1")
         out[:, 3] = points["intensity"]
     return out
+
+
+def _time_offsets(points: np.ndarray, stamp_ns: int) -> np.ndarray | None:
+    """Integers are nanoseconds, floats seconds (nanoseconds beyond 1e15); values beyond 1e6 s are absolute times."""
+    name = next((n for n in TIME_FIELDS if n in points.dtype.names), None)
+    if name is None or not len(points):
+        return None
+    if points.dtype[name].shape:
+        raise PointCloud2Error(f"time field {name!r} must have count 1")
+    raw = points[name].astype(np.float64)
+    if not np.all(np.isfinite(raw)):
+        raise PointCloud2Error(f"time field {name!r} holds NaN or inf")
+    large = np.abs(raw).max() > 1e15
+    seconds = raw * 1e-9 if points.dtype[name].kind in "iu" or large else raw
+    if np.abs(seconds).max() > 1e6:  # absolute: subtract the stamp in integer nanoseconds where the field is integral
+        seconds = (raw - stamp_ns) * 1e-9 if points.dtype[name].kind in "iu" or large else raw - stamp_ns * 1e-9
+    if np.abs(seconds).max() > MAX_SWEEP_S:
+        raise PointCloud2Error(f"time field {name!r} puts points up to {np.abs(seconds).max():.3g} s from the header stamp, more than "
+                               f"one sweep ({MAX_SWEEP_S} s): its unit or reference is not one this package knows")
+    return seconds
 
 
 def field_specs_from_dtype(dtype: np.dtype) -> list[FieldSpec]:

@@ -42,9 +42,10 @@ from bevplace_ros.nodes.parameters import (
 )
 from bevplace_ros.nodes.qos import KEYFRAMES_QOS
 from bevplace_ros.nodes.worker import TORCH_THREADS, QueueWorker, limit_torch_threads
+from bevplace_ros.deskew import deskew, sweep_twist
 from bevplace_ros.odometry_buffer import OdometryBuffer, OdometryLookupError
 from bevplace_ros.place_map import PlaceMap, PlaceMapConfig, PlaceMapError
-from bevplace_ros.pointcloud2 import PointCloud2Error, xyz_intensity
+from bevplace_ros.pointcloud2 import TIME_FIELDS, PointCloud2Error, Scan, decode_scan
 from bevplace_ros.registration.preprocess import voxel_representatives
 from bevplace_ros.scan_checks import ScanCheckConfig, check_bev, check_points
 from bevplace_ros.se3 import make_transform
@@ -54,6 +55,7 @@ from bevplace_ros.se3 import make_transform
 # sensor data's 5) keeps clouds that arrive while a busy machine starves the executor.
 POINTS_QOS = {name: QoSProfile(depth=10, reliability=reliability, durability=qos_profile_sensor_data.durability)
               for name, reliability in (("sensor_data", ReliabilityPolicy.BEST_EFFORT), ("reliable", ReliabilityPolicy.RELIABLE))}
+MIN_TWIST_SPAN_S = 0.05  # the odometry span the sweep's twist is measured over, at least
 LARGE_CLOUD_HINT = "clouds larger than the middleware is set up for? Use config/fastdds_large_clouds.xml in every process (README: middleware)"
 
 PARAMS = [
@@ -133,6 +135,9 @@ PARAMS = [
     ParamSpec("odom_wait", 2.0, "A scan newer than the latest odometry waits up to this long after its arrival [s] for odometry at "
               "or after its stamp, then it is looked up as it can be, or skipped as 'no odometry' (on a loaded machine the odometry "
               "callback can run over half a second after the scan's).", 0.0, 60.0),
+    ParamSpec("deskew", True, "Undo the motion inside each keyframe's sweep (constant twist from odometry over the sweep) so that its "
+              f"BEV image and cloud are the view from the pose at its stamp; needs a per-point time field ({', '.join(TIME_FIELDS)}): "
+              "scans without one are used as they are.", runtime=False),
     ParamSpec("scan_timeout", 5.0, "Warn when odometry arrives but no scan has for this long [s]; 0 disables.", 0.0, 3600.0),
 ]
 
@@ -232,6 +237,12 @@ class PlaceRecognitionNode(Node):
             with self._odom_cond:
                 while self._latest_odom_s < stamp_ns * 1e-9 and (left := deadline - time.monotonic()) > 0:
                     self._odom_cond.wait(left)
+        return self._pose_at(msg, stamp_ns)
+
+    def _pose_at(self, msg: PointCloud2, stamp_ns: int) -> np.ndarray:
+        """T_odom_sensor at `stamp_ns` from what has arrived, without waiting."""
+        if self._tf_buffer is None:
+            with self._odom_cond:
                 return self.odometry.lookup(stamp_ns * 1e-9) @ self.T_base_sensor
         from rclpy.time import Time
         from tf2_ros import TransformException
@@ -352,8 +363,8 @@ class PlaceRecognitionNode(Node):
         if self._sensor_frame and msg.header.frame_id != self._sensor_frame:
             return self.diagnostics.skip("frame", f"frame_id {msg.header.frame_id!r}, expected {self._sensor_frame!r}")
         behind = self.worker.pending() > self.params["scan_queue"]
-        points = None
-        if not behind and (points := self._checked_points(msg)) is None:
+        scan = None
+        if not behind and (scan := self._checked_scan(msg, stamp_ns)) is None:
             return None
         try:
             T_odom_sensor = self._sensor_pose(msg, stamp_ns, arrival.time)
@@ -365,10 +376,11 @@ class PlaceRecognitionNode(Node):
             self.scans_behind += 1
             return self.diagnostics.warning("dropped.scans_behind", f"place recognition is behind: dropped {self.scans_behind} scans that "
                                             f"would not become keyframes so far (more than scan_queue={self.params['scan_queue']} waiting)")
-        if points is None and (points := self._checked_points(msg)) is None:
+        if scan is None and (scan := self._checked_scan(msg, stamp_ns)) is None:
             return None
-        bev, start = None, time.perf_counter()
+        bev, points, start = None, scan.points, time.perf_counter()
         if due:
+            points = self._deskewed(scan, stamp_ns, T_odom_sensor, msg)
             bev = make_bev(points, self.bev_cfg)
             if rejection := check_bev(bev, self.scan_checks, self.bev_cfg):
                 return self.diagnostics.skip(rejection.reason, rejection.detail)
@@ -383,20 +395,39 @@ class PlaceRecognitionNode(Node):
         return _KeyframeJob(msg.header, stamp_ns, points, bev, (time.perf_counter() - start) * 1e3, T_odom_sensor, covariance, odom_frame,
                             self.selector.travelled)
 
-    def _checked_points(self, msg: PointCloud2) -> np.ndarray | None:
-        """The scan's finite points within max_range (thinned to max_points), or None when it is skipped as bad."""
+    def _checked_scan(self, msg: PointCloud2, stamp_ns: int) -> Scan | None:
+        """The scan's finite points within max_range (thinned to max_points) and their times, or None when it is skipped as bad."""
         start = time.perf_counter()
         try:
-            points = xyz_intensity(msg)
+            scan = decode_scan(msg, stamp_ns)
         except PointCloud2Error as err:
             return self.diagnostics.skip("malformed", str(err))
-        points = points[np.einsum("ij,ij->i", points[:, :3], points[:, :3]) <= self.params["max_range"] ** 2]
-        if len(points) > self.params["max_points"]:
-            points = points[np.linspace(0, len(points) - 1, self.params["max_points"]).astype(np.int64)]
-        if rejection := check_points(points, self.scan_checks):
+        xyz = scan.points[:, :3]
+        keep = np.flatnonzero(np.einsum("ij,ij->i", xyz, xyz) <= self.params["max_range"] ** 2)
+        if len(keep) > self.params["max_points"]:
+            keep = keep[np.linspace(0, len(keep) - 1, self.params["max_points"]).astype(np.int64)]
+        scan = Scan(scan.points[keep], None if scan.offsets is None else scan.offsets[keep])
+        if rejection := check_points(scan.points, self.scan_checks):
             return self.diagnostics.skip(rejection.reason, rejection.detail)
         self.decode_ms.append((time.perf_counter() - start) * 1e3)
-        return points
+        return scan
+
+    def _deskewed(self, scan: Scan, stamp_ns: int, T_odom_sensor: np.ndarray, msg: PointCloud2) -> np.ndarray:
+        """The keyframe's points as seen from its stamp's pose: twist from the odometry over the sweep (forward where the
+        odometry already covers it, else the same span before the stamp)."""
+        if not self.params["deskew"] or scan.offsets is None or np.ptp(scan.offsets) == 0:
+            return scan.points
+        span = max(float(np.ptp(scan.offsets)), MIN_TWIST_SPAN_S)
+        with self._odom_cond:
+            latest = self._latest_odom_s if self._tf_buffer is None else stamp_ns * 1e-9
+        end = min(stamp_ns * 1e-9 + float(scan.offsets.max()), latest)
+        try:
+            T_end = T_odom_sensor if end == stamp_ns * 1e-9 else self._pose_at(msg, round(end * 1e9))
+            twist = sweep_twist(self._pose_at(msg, round((end - span) * 1e9)), T_end, span)
+        except OdometryLookupError as err:
+            self.diagnostics.warning("deskew", f"keyframe not deskewed: no odometry over its sweep ({err})")
+            return scan.points
+        return deskew(scan.points, scan.offsets, twist)
 
     def _describe(self, job: _KeyframeJob) -> None:
         """Second stage, keyframes only: network, retrieval, publication; sheds candidates, re-ranking, then the network
