@@ -146,12 +146,25 @@ class RoITrLite(nn.Module):
 
     def encode(self, points: torch.Tensor, normals: torch.Tensor, neighbors: torch.Tensor,
                superpoints: torch.Tensor, super_normals: torch.Tensor, patches: torch.Tensor) -> EncodedCloud:
+        point_feat, super_feat = self.encode_patches(points, normals, neighbors, superpoints, super_normals, patches)
+        return EncodedCloud(point_desc=self.fine_descriptors(point_feat), super_feat=super_feat,
+                            geo=self.superpoint_geometry(superpoints, super_normals))
+
+    def encode_patches(self, points: torch.Tensor, normals: torch.Tensor, neighbors: torch.Tensor,
+                       superpoints: torch.Tensor, super_normals: torch.Tensor, patches: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Point features (before the fine head) and patch features: the PPF encoders that training may freeze."""
         point_feat = self.point_encoder(points, normals, neighbors)
-        super_feat = self.patch_encoder(point_feat, points, normals, superpoints, super_normals, patches)
+        return point_feat, self.patch_encoder(point_feat, points, normals, superpoints, super_normals, patches)
+
+    def fine_descriptors(self, point_feat: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.fine_head(point_feat), dim=-1)
+
+    def superpoint_geometry(self, superpoints: torch.Tensor, super_normals: torch.Tensor) -> torch.Tensor:
+        """(S, S, ppf_embed_dim) embedded superpoint-pair PPFs, the bias of geometric self-attention."""
         ppf = point_pair_features(superpoints[:, None], super_normals[:, None], superpoints[None], super_normals[None],
                                   self.cfg.global_scale)
-        return EncodedCloud(point_desc=F.normalize(self.fine_head(point_feat), dim=-1), super_feat=super_feat,
-                            geo=self.ppf_embed(ppf))
+        return self.ppf_embed(ppf)
 
     def match(self, src: EncodedCloud, tgt: EncodedCloud) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit-norm coarse descriptors of both clouds' superpoints after self/cross attention."""
@@ -166,13 +179,18 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def encode_arrays(model: RoITrLite, arrays: Mapping[str, np.ndarray], device: torch.device) -> EncodedCloud:
-    """Run the per-cloud half of the network on a prepared cloud's arrays (PreparedCloud.arrays())."""
+def cloud_tensors(arrays: Mapping[str, np.ndarray], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """A prepared cloud's arrays (PreparedCloud.arrays()) as the argument tuple of `encode` / `encode_patches`."""
     def f32(key: str) -> torch.Tensor:
         return torch.as_tensor(arrays[key], dtype=torch.float32, device=device)
 
     def i64(key: str) -> torch.Tensor:
         return torch.as_tensor(arrays[key], dtype=torch.long, device=device)
 
-    return model.encode(f32("fine_points"), f32("fine_normals"), i64("fine_neighbors"), f32("superpoints"),
-                        f32("superpoint_normals"), i64("patches"))
+    return (f32("fine_points"), f32("fine_normals"), i64("fine_neighbors"), f32("superpoints"),
+            f32("superpoint_normals"), i64("patches"))
+
+
+def encode_arrays(model: RoITrLite, arrays: Mapping[str, np.ndarray], device: torch.device) -> EncodedCloud:
+    """Run the per-cloud half of the network on a prepared cloud's arrays (PreparedCloud.arrays())."""
+    return model.encode(*cloud_tensors(arrays, device))
