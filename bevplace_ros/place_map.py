@@ -17,7 +17,7 @@ from bevplace_ros.bev import BEVConfig
 from bevplace_ros.descriptor_db import DatabaseConfig, DatabaseError, DescriptorDatabase
 from bevplace_ros.keyframe_store import KeyframeStore, KeyframeStoreConfig, KeyframeStoreError
 from bevplace_ros.loop_detector import DetectedKeyframe, LoopDetector, LoopDetectorConfig
-from bevplace_ros.models.checkpoint import DEFAULT_WEIGHTS, EQUIVARIANT, RANDOM_WEIGHTS
+from bevplace_ros.models.checkpoint import DEFAULT_MODEL, DEFAULT_WEIGHTS, RANDOM_WEIGHTS
 from bevplace_ros.place_recognizer import PlaceRecognizer, PlaceRecognizerConfig
 from bevplace_ros.versioned_npz import load_versioned_npz, save_versioned_npz
 
@@ -32,7 +32,7 @@ class PlaceMapError(ValueError):
 @dataclass(frozen=True)
 class PlaceMapConfig:
     weights: str = ""  # empty: the shipped weights of `model`; "random": untrained and seeded (baselines, tests)
-    model: str = EQUIVARIANT  # "bevplace_equivariant" (the package's) or "bevplace_v1" (the BEVPlace authors' network)
+    model: str = DEFAULT_MODEL  # "bevplace_v1" (the BEVPlace authors' network) or "bevplace_equivariant" (the package's)
     device: str = "auto"
     rotations: int = 8
     max_keyframes: int = 200_000  # descriptor database bound (oldest thinned beyond it)

@@ -11,7 +11,7 @@ import numpy as np
 from bevplace_ros.bev import BEVConfig, make_bev
 from bevplace_ros.bev_pose import BEVKeypoints, BEVPose, BEVPoseConfig, estimate_pose, extract_keypoints
 from bevplace_ros.device import DEVICE_CHOICES
-from bevplace_ros.models.checkpoint import EQUIVARIANT, MODEL_KINDS, load_place_model, shipped_weights
+from bevplace_ros.models.checkpoint import DEFAULT_MODEL, MODEL_KINDS, load_place_model, shipped_weights
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class PlaceRecognizerConfig:
     pose: BEVPoseConfig = field(default_factory=BEVPoseConfig)
     rotations: int = 8  # group size of the equivariant backbone; cost grows linearly (bevplace_v1: fixed 5 x 5 group)
     device: str = "auto"
-    model: str = EQUIVARIANT  # "bevplace_equivariant" (ours) or "bevplace_v1" (the BEVPlace authors' network)
+    model: str = DEFAULT_MODEL  # "bevplace_v1" (the BEVPlace authors' network) or "bevplace_equivariant" (ours)
     weights: str | None = ""  # "": the shipped weights of `model`; None or "random": untrained, seeded; a file must hold `model`
     seed: int = 0  # seeds the untrained model only
     batch_size: int = 8  # images per network call in describe_images

@@ -189,16 +189,22 @@ def test_place_node_subscribes_to_the_remapped_topics(ros_context):
         node.destroy_node()
 
 
-def test_a_bev_preset_replaces_the_bev_values_and_the_empty_preset_keeps_them(ros_context):
+def test_a_bev_preset_replaces_the_bev_values_the_empty_preset_keeps_them_and_auto_follows_the_model(ros_context):
     from bevplace_ros.bev import BEVConfig
     from bevplace_ros.nodes.place_recognition_node import PlaceRecognitionNode
 
-    kitti = PlaceRecognitionNode(context=ros_context, parameter_overrides=[
-        Parameter("place.weights", value="random"), Parameter("bev.preset", value="bevplace_kitti"), Parameter("bev.z_min", value=-3.0)])
-    own = PlaceRecognitionNode(context=ros_context, parameter_overrides=[Parameter("place.weights", value="random"), Parameter("bev.z_min", value=-3.0)])
+    def node(**overrides):
+        params = {"place.weights": "random", "bev.z_min": -3.0, **overrides}
+        return PlaceRecognitionNode(context=ros_context, parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
+
+    nodes = {"kitti": node(**{"bev.preset": "bevplace_kitti", "place.model": "bevplace_equivariant"}),
+             "own": node(**{"bev.preset": ""}),
+             "auto_v1": node(),  # the defaults: the authors' model, auto
+             "auto_equivariant": node(**{"place.model": "bevplace_equivariant"})}
     try:
-        assert kitti.bev_cfg == BEVConfig.preset("bevplace_kitti")
-        assert own.bev_cfg.z_min == -3.0 and own.bev_cfg.cells == BEVConfig().cells
+        assert nodes["kitti"].bev_cfg == BEVConfig.preset("bevplace_kitti") == nodes["auto_v1"].bev_cfg
+        for name in ("own", "auto_equivariant"):
+            assert nodes[name].bev_cfg.z_min == -3.0 and nodes[name].bev_cfg.cells == BEVConfig().cells, name
     finally:
-        kitti.destroy_node()
-        own.destroy_node()
+        for n in nodes.values():
+            n.destroy_node()

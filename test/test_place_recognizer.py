@@ -7,7 +7,7 @@ import pytest
 
 from bevplace_ros.bev import make_bev
 from bevplace_ros.datasets.bev_images import BEVDatasetError, BEVImageFolder
-from bevplace_ros.models.checkpoint import DEFAULT_PLACE_WEIGHTS, CheckpointError, save_checkpoint
+from bevplace_ros.models.checkpoint import DEFAULT_PLACE_WEIGHTS, EQUIVARIANT, CheckpointError, save_checkpoint
 from bevplace_ros.models.bevplace_net import BEVPlaceNetConfig, build_seeded_model
 from bevplace_ros.place_recognizer import PlaceFeatures, PlaceRecognizer, PlaceRecognizerConfig
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 @pytest.fixture(scope="module")
 def recognizer() -> PlaceRecognizer:
-    return PlaceRecognizer(PlaceRecognizerConfig(weights="random", rotations=4, device="cpu"))
+    return PlaceRecognizer(PlaceRecognizerConfig(model=EQUIVARIANT, weights="random", rotations=4, device="cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_identical_scans_give_identity_pose(recognizer, scan):
 
 def test_weights_from_checkpoint_are_used(tmp_path, recognizer, scan):
     path = save_checkpoint(tmp_path / "place.pt", build_seeded_model(BEVPlaceNetConfig(rotations=4), seed=0))
-    loaded = PlaceRecognizer(PlaceRecognizerConfig(weights=str(path), rotations=4, device="cpu"))
+    loaded = PlaceRecognizer(PlaceRecognizerConfig(model=EQUIVARIANT, weights=str(path), rotations=4, device="cpu"))
     np.testing.assert_allclose(loaded.describe(scan).descriptor, recognizer.describe(scan).descriptor, atol=1e-6)
 
 

@@ -9,6 +9,7 @@ from bevplace_ros.bev import BEVConfig
 from bevplace_ros.bev_pose import BEVKeypoints, BEVPoseConfig
 from bevplace_ros.datasets.kitti import read_kitti_scan
 from bevplace_ros.loop_detector import LoopDetectorConfig, rerank
+from bevplace_ros.models.checkpoint import EQUIVARIANT
 from bevplace_ros.place_map import PlaceMap, PlaceMapConfig, PlaceMapError
 from bevplace_ros.se3 import invert, transform_points, xyyaw_to_matrix
 from bevplace_ros.versioned_npz import save_versioned_npz
@@ -60,7 +61,7 @@ def scans(shared_data) -> list[np.ndarray]:
 
 
 def _map(**detection) -> PlaceMap:
-    return PlaceMap(PlaceMapConfig(weights="random", device="cpu"), BEVConfig(),
+    return PlaceMap(PlaceMapConfig(model=EQUIVARIANT, weights="random", device="cpu"), BEVConfig(),
                     LoopDetectorConfig(exclude_recent=0, exclude_seconds=0.0, **detection))
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from bevplace_ros.bev import make_bev
 from bevplace_ros.cli import main
+from bevplace_ros.models.checkpoint import EQUIVARIANT
 from bevplace_ros.se3 import invert, load_kitti_poses, transform_points, xyyaw_to_matrix
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -53,7 +54,7 @@ def test_retrieve_on_a_folder_it_makes_picks_moved_places_and_rejects_an_unseen_
     queries = [transform_points(invert(T), s) for T, s in zip(moves, scenes)] + [scenes[4]]
     _write_folder(tmp_path / "bev", [make_bev(s) for s in scenes[:4]] + [make_bev(q) for q in queries])
     out = tmp_path / "matches.npy"
-    argv = ["retrieve", str(tmp_path / "bev"), "--db", "0:4", "--queries", "4:9", "--out", str(out), "--weights", "random", "--device", "cpu"]
+    argv = ["retrieve", str(tmp_path / "bev"), "--db", "0:4", "--queries", "4:9", "--out", str(out), "--model", EQUIVARIANT, "--weights", "random", "--device", "cpu"]
     assert main([*argv, "--min-inliers", "15"]) == 0
     np.testing.assert_array_equal(np.load(out), [0, 1, 2, 3, -1])
     assert main([*argv, "--min-inliers", "0", "--rerank-k", "0"]) == 0

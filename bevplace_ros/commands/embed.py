@@ -11,11 +11,11 @@ HELP = "write one float32 BEVPlace descriptor per frame (frame order) to a .npy 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from bevplace_ros.models.checkpoint import EQUIVARIANT, MODEL_KINDS
+    from bevplace_ros.models.checkpoint import DEFAULT_MODEL, MODEL_KINDS
 
     parser.add_argument("dataset", metavar="DATASET[@START:END[:STEP]]", help="rosbag2, KITTI-style (velodyne/*.bin) or BEV image folder (imgs/ + pose.txt)")
     parser.add_argument("--out", type=Path, required=True, help="output .npy, shape (frames, descriptor dim)")
-    parser.add_argument("--model", choices=MODEL_KINDS, default=EQUIVARIANT, help="network: the package's equivariant one or the BEVPlace authors' v1")
+    parser.add_argument("--model", choices=MODEL_KINDS, default=DEFAULT_MODEL, help="network: the BEVPlace authors' v1 (default) or the package's equivariant one")
     parser.add_argument("--weights", default="", help="checkpoint of --model (bevplace_v1: the authors' .pth.tar too); empty: the shipped weights; "
                                                       "'random': untrained seeded network")
     parser.add_argument("--rotations", type=int, default=8, help="rotations of the equivariant network (bevplace_v1: fixed 5 x 5 group)")

@@ -16,11 +16,11 @@ KITTI_SPLITS = {"00": (4541, 3000, 3200), "02": (4661, 3400, 3600), "05": (2761,
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from bevplace_ros.models.checkpoint import EQUIVARIANT, MODEL_KINDS
+    from bevplace_ros.models.checkpoint import DEFAULT_MODEL, MODEL_KINDS
     from bevplace_ros.training.place_dataset import DEFAULT_CACHE_DIR
 
     parser.add_argument("datasets", nargs="+", metavar="DATASET[@START:END[:STEP]]", help="sequences with ground truth (rosbag2, KITTI-style or BEV image folder)")
-    parser.add_argument("--model", choices=MODEL_KINDS, default=EQUIVARIANT, help="network of the 'bevplace' and 'random' methods")
+    parser.add_argument("--model", choices=MODEL_KINDS, default=DEFAULT_MODEL, help="network of the 'bevplace' and 'random' methods")
     parser.add_argument("--weights", default="", help="checkpoint of the 'bevplace' method (package .pt, or the authors' .pth.tar for bevplace_v1); "
                                                       "empty: the shipped weights of --model")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="'random': same network, untrained seeded weights")

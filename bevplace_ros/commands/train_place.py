@@ -103,9 +103,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _init(choice: str) -> tuple[str, str]:
     """(checkpoint to start from, "" for a seeded network; the BEV preset its images need)."""
-    from bevplace_ros.models.checkpoint import DEFAULT_V1_WEIGHTS, V1, load_checkpoint
+    from bevplace_ros.models.checkpoint import BEV_PRESET_OF_MODEL, DEFAULT_V1_WEIGHTS, load_checkpoint
 
     if choice == "seeded":
         return "", "default"
     path = str(DEFAULT_V1_WEIGHTS) if choice == "authors" else choice
-    return path, "bevplace_kitti" if load_checkpoint(path).kind == V1 else "default"
+    return path, BEV_PRESET_OF_MODEL[load_checkpoint(path).kind]

@@ -25,6 +25,9 @@ READABLE_VERSIONS = (1, 2)
 EQUIVARIANT = BEVPlaceNet.kind
 V1 = BEVPlaceV1.kind
 MODEL_KINDS = (EQUIVARIANT, V1)
+DEFAULT_MODEL = V1  # wins on KITTI 00/06, plain and rotated, and on the held-out simulator world (README)
+# the BEV recipe (bev.BEV_PRESETS) each kind's shipped weights were trained on
+BEV_PRESET_OF_MODEL = {EQUIVARIANT: "default", V1: "bevplace_kitti"}
 _WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 DEFAULT_PLACE_WEIGHTS = _WEIGHTS_DIR / "bevplace_place.pt"
 DEFAULT_V1_WEIGHTS = _WEIGHTS_DIR / "bevplace_v1_kitti.pt"  # converted from the authors' paper checkpoint

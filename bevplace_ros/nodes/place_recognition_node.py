@@ -22,7 +22,7 @@ from bevplace_ros.bev import BEV_PRESETS, BEVConfig, make_bev
 from bevplace_ros.device import DEVICE_CHOICES
 from bevplace_ros.keyframe_selector import KeyframeSelector, KeyframeSelectorConfig
 from bevplace_ros.loop_detector import Candidate, LoopDetectorConfig
-from bevplace_ros.models.checkpoint import MODEL_KINDS
+from bevplace_ros.models.checkpoint import BEV_PRESET_OF_MODEL, MODEL_KINDS
 from bevplace_ros.msg import Keyframe, LoopCandidate
 from bevplace_ros.nodes.conversions import (
     ns_to_stamp,
@@ -68,15 +68,16 @@ PARAMS = [
         "voxel_z": ("Vertical voxel: a cell counts occupied voxels in its column [m].", 0.01, 5.0),
         "max_count": ("A BEV cell saturates at this many voxels.", 1, 1000),
     }, runtime=False),
-    ParamSpec("bev.preset", "", "Named BEV recipe used instead of the bev.* values above; empty: those values. 'bevplace_kitti' turns raw "
-              "scans into the images place.model 'bevplace_v1' was trained on.", choices=("", *BEV_PRESETS), runtime=False),
+    ParamSpec("bev.preset", "auto", "BEV recipe: 'auto' is the one place.model's weights were trained on ('bevplace_kitti' for "
+              "'bevplace_v1', the bev.* values above for 'bevplace_equivariant'); empty: the bev.* values; or a named recipe "
+              "('bevplace_kitti' turns raw scans into the published BEVPlace KITTI images).", choices=("auto", "", *BEV_PRESETS), runtime=False),
     *specs_from_config(PlaceMapConfig, "place.", {
         "rotations": ("Rotations of the equivariant network at inference (more: more rotation-invariant, slower).", 1, 64),
         "max_keyframes": ("Descriptor database bound; beyond it the oldest keyframes are forgotten.", 10, 100_000_000),
         "bev_in_memory": ("Keyframes whose BEV keypoints (float16, <= 130 kB each) are kept in RAM for re-ranking and the 3-DoF guess; "
                           "older ones spill or are dropped.", 1, 10_000_000),
     }, runtime=False),
-    ParamSpec("place.model", PlaceMapConfig.model, "Place network: the package's rotation-equivariant one or the BEVPlace authors' v1 (ICCV 2023).",
+    ParamSpec("place.model", PlaceMapConfig.model, "Place network: the BEVPlace authors' v1 (ICCV 2023) or the package's rotation-equivariant one.",
               choices=MODEL_KINDS, runtime=False),
     ParamSpec("place.weights", PlaceMapConfig.weights, "Weights of place.model (.pt; bevplace_v1 also the authors' .pth.tar); empty = its shipped weights.",
               runtime=False),
@@ -142,6 +143,14 @@ PARAMS = [
 ]
 
 
+def _bev_config(p: dict[str, Any]) -> BEVConfig:
+    """bev.preset 'auto' follows place.model, so that switching the model never feeds it images of another recipe."""
+    name = p["bev.preset"]
+    if name == "auto":
+        name = "" if BEV_PRESET_OF_MODEL[p["place.model"]] == "default" else BEV_PRESET_OF_MODEL[p["place.model"]]
+    return BEVConfig.preset(name) if name else config_from_params(BEVConfig, p, "bev.")
+
+
 @dataclass(frozen=True)
 class _Arrival:
     msg: PointCloud2
@@ -174,7 +183,7 @@ class PlaceRecognitionNode(Node):
         x, y, z, *rpy = p["base_to_sensor"]
         self.T_base_sensor = make_transform(Rotation.from_euler("xyz", rpy).as_matrix(), np.array([x, y, z]))
         map_cfg = replace(config_from_params(PlaceMapConfig, p, "place."), model=p["place.model"], weights=p["place.weights"], device=p["place.device"], spill_dir=p["place.spill_dir"])
-        self.bev_cfg = BEVConfig.preset(p["bev.preset"]) if p["bev.preset"] else config_from_params(BEVConfig, p, "bev.")
+        self.bev_cfg = _bev_config(p)
         self.map = PlaceMap(map_cfg, self.bev_cfg, config_from_params(LoopDetectorConfig, p, "retrieval."))
         self.selector = KeyframeSelector(config_from_params(KeyframeSelectorConfig, p, "keyframe."))
         self.scan_checks = config_from_params(ScanCheckConfig, p, "")
