@@ -27,6 +27,10 @@ class PointCloud2Error(ValueError):
     """A PointCloud2 whose layout or content cannot be decoded as described."""
 
 
+class TimeFieldError(PointCloud2Error):
+    """A per-point time field whose unit or reference cannot be read: the geometry is still usable."""
+
+
 class FieldSpec(NamedTuple):
     """One sensor_msgs/PointField, for writers that build their own message classes."""
 
@@ -186,7 +190,8 @@ class Scan(NamedTuple):
     """A decoded LiDAR sweep: finite points and, when the driver gives them, their firing times."""
 
     points: np.ndarray  # (N, 4) float32 x, y, z, intensity
-    offsets: np.ndarray | None  # (N,) seconds from the header stamp to each point's firing; None without a time field
+    offsets: np.ndarray | None  # (N,) seconds from the header stamp to each point's firing; None without a usable time field
+    time_problem: str = ""  # why a time field present could not be used (the points still can)
 
 
 # per-point time fields of common drivers, first match wins: Velodyne `time` (float32 s after the stamp), Ouster `t`
@@ -198,7 +203,10 @@ MAX_SWEEP_S = 1.0  # a per-point time further than this from the stamp is not th
 def decode_scan(cloud: Any, stamp_ns: int) -> Scan:
     """Points and per-point time offsets in seconds, whatever the driver's time field name and unit."""
     points = read_points(cloud, skip_nans=True)
-    return Scan(_xyzi(points), _time_offsets(points, stamp_ns))
+    try:
+        return Scan(_xyzi(points), _time_offsets(points, stamp_ns))
+    except TimeFieldError as err:
+        return Scan(_xyzi(points), None, str(err))
 
 
 def _xyzi(points: np.ndarray) -> np.ndarray:
@@ -218,16 +226,16 @@ def _time_offsets(points: np.ndarray, stamp_ns: int) -> np.ndarray | None:
     if name is None or not len(points):
         return None
     if points.dtype[name].shape:
-        raise PointCloud2Error(f"time field {name!r} must have count 1")
+        raise TimeFieldError(f"time field {name!r} must have count 1")
     raw = points[name].astype(np.float64)
     if not np.all(np.isfinite(raw)):
-        raise PointCloud2Error(f"time field {name!r} holds NaN or inf")
+        raise TimeFieldError(f"time field {name!r} holds NaN or inf")
     large = np.abs(raw).max() > 1e15
     seconds = raw * 1e-9 if points.dtype[name].kind in "iu" or large else raw
     if np.abs(seconds).max() > 1e6:  # absolute: subtract the stamp in integer nanoseconds where the field is integral
         seconds = (raw - stamp_ns) * 1e-9 if points.dtype[name].kind in "iu" or large else raw - stamp_ns * 1e-9
     if np.abs(seconds).max() > MAX_SWEEP_S:
-        raise PointCloud2Error(f"time field {name!r} puts points up to {np.abs(seconds).max():.3g} s from the header stamp, more than "
+        raise TimeFieldError(f"time field {name!r} puts points up to {np.abs(seconds).max():.3g} s from the header stamp, more than "
                                f"one sweep ({MAX_SWEEP_S} s): its unit or reference is not one this package knows")
     return seconds
 

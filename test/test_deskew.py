@@ -12,7 +12,7 @@ from std_msgs.msg import Header
 from ros_helpers import handle_scan, spin_until
 from bevplace_ros.deskew import deskew, sweep_twist
 from bevplace_ros.nodes.conversions import matrix_to_pose, ns_to_stamp
-from bevplace_ros.pointcloud2 import FLOAT32, FLOAT64, UINT32, PointCloud2Error, create_cloud, decode_scan, xyz_intensity
+from bevplace_ros.pointcloud2 import FLOAT32, FLOAT64, UINT32, create_cloud, decode_scan, xyz_intensity
 from bevplace_ros.se3 import _hat, se3_exp, se3_log
 
 STAMP_NS = 1_700_000_000 * 10**9 + 250_000_000
@@ -80,11 +80,13 @@ def test_every_common_drivers_time_field_gives_seconds_after_the_stamp(driver, n
     assert np.array_equal(scan.points, fired)
 
 
-def test_a_time_field_in_an_unknown_unit_is_a_clear_error_and_none_is_no_offsets():
+def test_a_time_field_in_an_unknown_unit_is_named_and_the_points_stay_usable():
     _, fired, offsets = _sweep(200)
-    with pytest.raises(PointCloud2Error, match="time field 'time'.*unit"):
-        decode_scan(_cloud(fired, offsets * 1e3, "time", FLOAT32), STAMP_NS)  # milliseconds
-    assert decode_scan(_cloud(fired, offsets, "range", FLOAT32), STAMP_NS).offsets is None
+    scan = decode_scan(_cloud(fired, offsets * 1e3, "time", FLOAT32), STAMP_NS)  # milliseconds
+    assert scan.offsets is None and np.array_equal(scan.points, fired)
+    assert "time field 'time'" in scan.time_problem and "unit" in scan.time_problem
+    no_time = decode_scan(_cloud(fired, offsets, "range", FLOAT32), STAMP_NS)
+    assert no_time.offsets is None and not no_time.time_problem
 
 
 def test_the_place_node_publishes_keyframes_deskewed_with_the_odometry(ros_context):

@@ -415,6 +415,8 @@ class PlaceRecognitionNode(Node):
         keep = np.flatnonzero(np.einsum("ij,ij->i", xyz, xyz) <= self.params["max_range"] ** 2)
         if len(keep) > self.params["max_points"]:
             keep = keep[np.linspace(0, len(keep) - 1, self.params["max_points"]).astype(np.int64)]
+        if scan.time_problem and self.params["deskew"]:
+            self.diagnostics.warning("deskew", f"scans are not deskewed: {scan.time_problem}")
         scan = Scan(scan.points[keep], None if scan.offsets is None else scan.offsets[keep])
         if rejection := check_points(scan.points, self.scan_checks):
             return self.diagnostics.skip(rejection.reason, rejection.detail)
