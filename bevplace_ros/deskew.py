@@ -29,11 +29,11 @@ def deskew(points: np.ndarray, offsets: np.ndarray, twist: np.ndarray) -> np.nda
     """
     if len(points) == 0:
         return points
-    edges = np.linspace(offsets.min(), offsets.max(), TIME_BINS + 1)
-    centres = 0.5 * (edges[:-1] + edges[1:])
-    poses = se3_exp(centres[:, None] * twist)  # (TIME_BINS, 4, 4)
-    which = np.clip(np.searchsorted(edges, offsets, side="right") - 1, 0, TIME_BINS - 1)
+    low, span = float(offsets.min()), max(float(np.ptp(offsets)), 1e-9)
+    which = np.minimum(((offsets - low) * (TIME_BINS / span)).astype(np.int32), TIME_BINS - 1)
+    poses = se3_exp((low + (np.arange(TIME_BINS) + 0.5) * (span / TIME_BINS))[:, None] * twist)  # (TIME_BINS, 4, 4)
+    rows = poses[:, :3, :].transpose(0, 2, 1).astype(np.float32)  # (TIME_BINS, 4, 3): [x y z 1] @ rows = R x + t
+    homogeneous = np.concatenate([points[:, :3].astype(np.float32), np.ones((len(points), 1), np.float32)], axis=1)
     out = points.copy()
-    xyz = points[:, :3].astype(np.float64)
-    out[:, :3] = np.einsum("nij,nj->ni", poses[which, :3, :3], xyz) + poses[which, :3, 3]
+    out[:, :3] = np.einsum("nk,nkj->nj", homogeneous, rows[which])
     return out

@@ -89,6 +89,19 @@ def _decode_stage(raw: np.ndarray, repeats: int) -> tuple[dict, np.ndarray]:
     return timing, read_points_numpy(cloud, ("x", "y", "z"), skip_nans=True)
 
 
+def _deskew_stage(points, repeats: int) -> dict:
+    """Time the keyframe deskew: a 10 Hz sweep (times from the azimuth) at 10 m/s and 90 deg/s."""
+    import numpy as np
+
+    from bevplace_ros.deskew import deskew
+
+    offsets = 0.1 * (np.arctan2(points[:, 1], points[:, 0]) + np.pi) / (2 * np.pi)
+    twist = np.array([0.0, 0.0, np.radians(90.0), 10.0, 0.0, 0.0])
+    timing = _median_ms(lambda: deskew(points, offsets, twist), repeats)
+    timing["what"] = "deskew.deskew of the scan: 0.1 s sweep, 10 m/s, 90 deg/s"
+    return timing
+
+
 def _network_stages(image, rotations: list[int], device, repeats: int) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -224,7 +237,7 @@ def _database_stages(sizes: list[int], dims: list[int], max_gib: float, repeats:
 
 def _print_table(report: dict) -> None:
     print(f"{'stage':44s} {'median ms':>10s} {'min ms':>8s}  (BEVPlace v1: CPU ms of all threads, median)")
-    for name in ("decode", "bev"):
+    for name in ("decode", "deskew", "bev"):
         print(f"{name:44s} {report[name]['median_ms']:10.2f} {report[name]['min_ms']:8.2f}")
     for name, row in report["network"].items():
         for kind in ("eager_no_grad", "inference"):
@@ -278,6 +291,7 @@ def run(args: argparse.Namespace) -> int:
     report: dict = {"scan": scan_name, "torch_threads": torch.get_num_threads(), "device": str(device), "cpu_count": os.cpu_count()}
     report["decode"], points = _decode_stage(raw, args.repeats)
     report["points"] = int(len(points))
+    report["deskew"] = _deskew_stage(points, args.repeats)
     bev_cfg = BEVConfig()
     report["bev"] = _median_ms(lambda: make_bev(points, bev_cfg), args.repeats)
     image = make_bev(points, bev_cfg)
