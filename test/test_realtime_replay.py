@@ -80,6 +80,18 @@ def test_replay_with_node_processes_at_rate_1_reports_cpu_latency_and_cleans_up(
     assert "scan -> loop closure (any)" in printed and "place_recognition_node" in printed
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device on this machine: the replay at 10x real time "
+                    "with the place network on CUDA is untested")
+def test_replay_at_rate_10_with_the_place_network_on_cuda_keeps_every_keyframe(tmp_path):
+    config = with_overrides(preset_config("drive_10hz"), **{"lidar.columns": 512}, max_frames=40)
+    write_sequence(simulate_sequence(config), tmp_path / "bag", None)
+    assert cli_main(["replay", str(tmp_path / "bag"), "--processes", "--rate", "10", "--out", str(tmp_path / "out"), "--no-progress",
+                     "-p", "place.device:=cuda", *NEAR_LOOPS]) == 0
+    rt = json.loads(next((tmp_path / "out").glob("run-*/report.json")).read_text())["realtime"]
+    assert rt["scan_hz"] >= 50 and rt["keyframes_dropped"] == 0 and not any("description" in k for k in rt["shed"]), rt
+
+
 @pytest.mark.long
 def test_full_drive_10hz_in_real_time(tmp_path, capsys):
     """The README's real-time figures: ~2,090 sweeps (5.6 GB) generated, then replayed at rate 1 (about 4 minutes)."""
