@@ -44,6 +44,20 @@ def test_header_stamp_is_read_from_the_serialised_cloud():
         header_stamp_ns(b"\x00\x07")
 
 
+def test_the_replay_names_the_counter_that_has_not_caught_up():
+    from bevplace_ros.nodes.bag_replay import ReplayRun, _diagnostics_unsettled
+
+    run = ReplayRun()
+    assert _diagnostics_unsettled(run) == "no /diagnostics yet from every node"
+    run.diagnostics = {"/place_recognition_node": {"received": "10", "handled": "8", "dropped.scans_behind": "2", "candidates": "5",
+                                                   "keyframes": "4"},
+                       "/registration_node": {"candidates": "3", "dropped.behind": "1", "shed.low_rank": "2", "keyframes": "4"},
+                       "/pose_graph_node": {"keyframes_handled": "4"}}
+    assert _diagnostics_unsettled(run) == "registration: candidates handled (answered, skipped or shed) + dropped 4 of 5"
+    run.diagnostics["/registration_node"]["candidates"] = "4"
+    assert _diagnostics_unsettled(run) == ""
+
+
 def test_usage_of_a_live_process_comes_from_proc():
     cpu_s, peak_mib = read_usage(os.getpid())
     assert cpu_s > 0 and peak_mib > 10  # this test process imported numpy and torch

@@ -202,6 +202,7 @@ def realtime_summary(run, rate: float) -> dict:
         "registration_ms_per_candidate": registration_ms,
         "output_hz": rates,
         "nodes": nodes,
+        "unsettled": run.unsettled,  # non-empty: the nodes had not worked off their queues when the report was taken
     }
     # cores each stage needs to keep up with this input: arrivals per second x time per item (mean)
     candidates_per_s = _counter_sum(place, "candidates") / playback_s
@@ -225,6 +226,7 @@ def format_realtime(rt: dict) -> str:
         f"real time x{rt['rate']:g}: {rt['scans_published']} scans in {rt['playback_s']:.1f} s ({rt['scan_hz']:.1f} Hz), "
         f"keyframes {rt['keyframes_per_s']:.1f}/s; place node received {rt['scans_received']} (not received {rt['scans_not_received']}), processed {rt['scans_processed']}, "
         f"dropped {rt['scans_dropped']} (keyframes {rt['keyframes_dropped']}); candidates dropped {rt['candidates_dropped']}",
+        *([f"PARTIAL: {rt['unsettled']}"] if rt.get("unsettled") else []),
         "",
         f"{'node':<26}{'cpu %':>8}{'cpu s':>8}{'after s':>9}{'peak MiB':>10}  problems (dropped.*, skipped.*, shed.*, lost)",
     ]
