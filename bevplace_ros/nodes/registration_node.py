@@ -39,6 +39,9 @@ PARAMS = [
         "min_fitness": ("Accept a loop only if this share of query points has a match-cloud neighbour after alignment.", 0.0, 1.0),
         "min_inlier_ratio": ("Minimum robust-estimator inlier ratio of the correspondences.", 0.0, 1.0),
         "min_inliers": ("Minimum number of inlier correspondences.", 0, 100000),
+        "max_degeneracy": ("Reject a loop whose alignment pins the translation along some direction this many times less "
+                           "than each scan does alone (it can slide there, e.g. along a street of repeated facades).",
+                           1.0, 1e12),
     }),
     *specs_from_config(LoopVerifierConfig, "verifier.", {
         "min_bev_inliers": ("BEV RANSAC inliers for the BEV 3-DoF guess to be used as a prior.", 0, 10000),

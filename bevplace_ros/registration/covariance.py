@@ -27,6 +27,30 @@ def covariance_from_hessian(hessian: np.ndarray, error: float, num_inliers: int,
     return 0.5 * (cov + cov.T)
 
 
+def _translation_share(hessian: np.ndarray, direction: np.ndarray) -> float:
+    """Share of a Hessian's translation information that lies along a unit direction."""
+    block = np.asarray(hessian, dtype=np.float64)[3:, 3:]
+    return float(direction @ block @ direction) / max(float(np.trace(block)), 1e-300)
+
+
+def degeneracy(pair: np.ndarray, source: np.ndarray, target: np.ndarray, rotation: np.ndarray) -> tuple[float, np.ndarray]:
+    """(how many times smaller a share of the alignment's translation information lies along its weakest direction
+    than of each cloud's own information there, that direction in the source frame).
+
+    `pair` is the final alignment's Hessian; `source`, `target` each cloud's Hessian against itself
+    (`refine.self_hessian`); `rotation` takes source directions to the target frame. Two scans of a street of
+    repeated facades seen far apart can overlap in a strip that slides along the street: the pair then pins that
+    direction far worse than either scan does alone, while a scene degenerate by itself (a bare corridor) pins it
+    as badly in each scan as in the pair, so its true loops keep a ratio near 1 (the covariance carries the rest).
+    """
+    block = np.asarray(pair, dtype=np.float64)[3:, 3:]
+    values, vectors = np.linalg.eigh(0.5 * (block + block.T))
+    weakest = vectors[:, 0]
+    pair_share = values[0] / values.sum() if values[0] > 0 else 0.0
+    own = min(_translation_share(source, weakest), _translation_share(target, np.asarray(rotation) @ weakest))
+    return (own / pair_share if pair_share > 0 else float("inf")), weakest
+
+
 def to_ros_order(covariance: np.ndarray) -> np.ndarray:
     """Reorder (rot, trans) to (trans, rot), the PoseWithCovariance layout."""
     return covariance[np.ix_(ROS_ORDER, ROS_ORDER)]

@@ -34,6 +34,8 @@ class Outcome:
     score: float
     inlier_ratio: float
     ms: float
+    degeneracy: float = float("nan")  # RegistrationResult.degeneracy; nan where the method has no such figure
+    fitness: float = float("nan")  # the fitness whether or not verification passed
 
 
 Method = Callable[[PreparedCloud, PreparedCloud, np.ndarray], Outcome]
@@ -46,10 +48,11 @@ def yaw_only(T: np.ndarray) -> np.ndarray:
 
 def registrar_method(registrar) -> Method:
     """The registrar from no guess on cached per-cloud features (not timed, as in the node's verifier); its score is
-    the fitness, or 0 when its sanity floors already reject."""
+    the fitness, or 0 when its own verification rejects."""
     def run(src: PreparedCloud, tgt: PreparedCloud, _truth: np.ndarray) -> Outcome:
         res = registrar.register_prepared(registrar.featurize(src), registrar.featurize(tgt))
-        return Outcome(res.transform, res.fitness if res.verified else 0.0, res.inlier_ratio, res.timings["total"])
+        return Outcome(res.transform, res.fitness if res.verified else 0.0, res.inlier_ratio, res.timings["total"],
+                       res.degeneracy, res.fitness)
     return run
 
 
@@ -58,14 +61,14 @@ def gicp_method(guess: Callable[[np.ndarray], np.ndarray], cfg: RefineConfig) ->
     def run(src: PreparedCloud, tgt: PreparedCloud, truth: np.ndarray) -> Outcome:
         start = time.perf_counter()
         out = gicp_refine(src, tgt, guess(truth), cfg)
-        return Outcome(out.transform, out.fitness, float("nan"), (time.perf_counter() - start) * 1e3)
+        return Outcome(out.transform, out.fitness, float("nan"), (time.perf_counter() - start) * 1e3, fitness=out.fitness)
     return run
 
 
 def record(kind: str, truth: np.ndarray, outcome: Outcome) -> dict:
     rte, rre = translation_error(outcome.transform, truth), rotation_error_deg(outcome.transform, truth)
     return {"kind": kind, "rte": rte, "rre": rre, "score": outcome.score, "inlier_ratio": outcome.inlier_ratio,
-            "ms": outcome.ms, "success": bool(rte < SUCCESS_RTE and rre < SUCCESS_RRE),
+            "ms": outcome.ms, "degeneracy": outcome.degeneracy, "fitness": outcome.fitness, "success": bool(rte < SUCCESS_RTE and rre < SUCCESS_RRE),
             "strict": bool(rte <= STRICT_RTE and rre <= STRICT_RRE)}
 
 
@@ -83,6 +86,8 @@ def summarise(records: list[dict], threshold: float) -> dict:
                 np.isfinite(r["inlier_ratio"]) for r in rows) else float("nan"),
             "ms": float(np.mean([r["ms"] for r in rows])),
             "ms_median": float(np.median([r["ms"] for r in rows])),
+            # how close right poses come to verification.max_degeneracy (the cap is set from the validation worlds')
+            "degeneracy_max_success": max((r["degeneracy"] for r in ok if np.isfinite(r["degeneracy"])), default=float("nan")),
         }
     loops = [r for r in records if r["kind"] == "loop"]
     false = [r for r in records if r["kind"] == "false"]

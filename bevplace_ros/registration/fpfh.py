@@ -73,8 +73,9 @@ def _pair_features(points: np.ndarray, normals: np.ndarray, balls: np.ndarray) -
     return theta, (v * n_other).sum(-1), phi, v_norm > 1e-9
 
 
-def radius_fpfh(points: np.ndarray, cfg: FpfhConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(keypoints (K, 3), unit-length descriptors (K, 33) float32): FPFH over radius balls, once per keyframe."""
+def radius_fpfh(points: np.ndarray, cfg: FpfhConfig, wanted: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(keypoints (K, 3), unit-length descriptors (K, 33) float32): FPFH over radius balls, once per keyframe.
+    `wanted` (N,) bool: the points that may be keypoints; all points still enter the neighbours' histograms."""
     n = len(points)
     dist, balls = cKDTree(points).query(points, k=min(cfg.max_neighbors, n), distance_upper_bound=cfg.feature_radius)
     dist, balls = dist.reshape(n, -1), balls.reshape(n, -1)
@@ -86,12 +87,13 @@ def radius_fpfh(points: np.ndarray, cfg: FpfhConfig) -> tuple[np.ndarray, np.nda
     pair_ok = inside & ok[balls] & (dist > 0) & defined
     spfh = np.concatenate([_hist(theta, -np.pi, np.pi, pair_ok), _hist(alpha, -1, 1, pair_ok),
                            _hist(phi, -1, 1, pair_ok)], axis=1)
+    keep = ok & ((inside & ok[balls]).sum(axis=1) >= cfg.min_neighbors) & (True if wanted is None else wanted)
+    dist, balls, inside = dist[keep], balls[keep], inside[keep]  # only keypoints get a descriptor
     weights = np.where(inside & ok[balls], 1.0 / np.maximum(dist, 1e-9), 0.0)
     weights[dist == 0] = 1.0  # the point's own histogram
-    desc = np.einsum("nk,nkb->nb", weights, spfh[balls]).reshape(n, 3, BINS)
+    desc = np.einsum("nk,nkb->nb", weights, spfh[balls]).reshape(len(balls), 3, BINS)
     desc /= np.maximum(desc.sum(axis=-1, keepdims=True), 1e-12)  # each sub-histogram sums to 1, as PCL's to 100
-    keep = ok & ((inside & ok[balls]).sum(axis=1) >= cfg.min_neighbors)
-    desc = desc.reshape(n, 3 * BINS)[keep]
+    desc = desc.reshape(len(balls), 3 * BINS)
     return points[keep], (desc / np.maximum(np.linalg.norm(desc, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 

@@ -55,6 +55,19 @@ def coarse_source(cloud: PreparedCloud, cfg: RefineConfig):
     return cloud.features[key]
 
 
+def self_hessian(cloud: PreparedCloud, cfg: RefineConfig) -> np.ndarray:
+    """The cloud's GICP Hessian against itself at identity, cached: how well its own geometry pins each direction
+    (the reference `covariance.degeneracy` holds an alignment's Hessian to)."""
+    import small_gicp
+
+    if "gicp_self_hessian" not in cloud.features:
+        result = small_gicp.align(cloud.gicp_cloud, cloud.gicp_cloud, cloud.gicp_tree, init_T_target_source=np.eye(4),
+                                  registration_type="GICP", max_correspondence_distance=cfg.fine_distance,
+                                  num_threads=cfg.num_threads, max_iterations=1)
+        cloud.features["gicp_self_hessian"] = np.asarray(result.H).copy()
+    return cloud.features["gicp_self_hessian"]
+
+
 def gicp_refine(src: PreparedCloud, tgt: PreparedCloud, initial: np.ndarray, cfg: RefineConfig) -> RefineOutput:
     """Run the two GICP passes from `initial` and report the tight pass."""
     import small_gicp

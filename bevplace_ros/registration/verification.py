@@ -21,6 +21,10 @@ class VerificationConfig:
     min_fitness: float = 0.505
     min_inlier_ratio: float = 0.05
     min_inliers: int = 10
+    # covariance.degeneracy: how many times less the alignment pins its weakest direction than each scan does alone.
+    # Twice the highest right pose of the validation worlds (6.5; the stress test's bare corridor 5.3, KITTI pairs 3.6);
+    # poses that slid along a street mostly 10-120, the held-out world's accepted false candidate 32 (docs/registration.md)
+    max_degeneracy: float = 13.0
 
     def __post_init__(self) -> None:
         for name in ("min_fitness", "min_inlier_ratio"):
@@ -28,16 +32,25 @@ class VerificationConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.min_inliers < 0:
             raise ValueError(f"min_inliers must be >= 0, got {self.min_inliers}")
+        if not self.max_degeneracy >= 1.0:
+            raise ValueError(f"max_degeneracy must be >= 1 (a ratio of information shares), got {self.max_degeneracy}")
 
 
-def verify(fitness: float, inlier_ratio: float, num_inliers: int, cfg: VerificationConfig) -> tuple[bool, str]:
-    """(accepted, reason); the reason names the first failed check, empty when accepted."""
+def verify(fitness: float, inlier_ratio: float, num_inliers: int, degeneracy: tuple[float, np.ndarray],
+           cfg: VerificationConfig) -> tuple[bool, str]:
+    """(accepted, reason); the reason names the first failed check, empty when accepted. `degeneracy`: the final
+    alignment's `covariance.degeneracy` (ratio, weakest direction)."""
     if num_inliers < cfg.min_inliers:
         return False, f"only {num_inliers} inlier correspondences (< {cfg.min_inliers})"
     if inlier_ratio < cfg.min_inlier_ratio:
         return False, f"inlier ratio {inlier_ratio:.3f} < {cfg.min_inlier_ratio}"
     if fitness < cfg.min_fitness:
         return False, f"fitness {fitness:.3f} < {cfg.min_fitness}"
+    ratio, weakest = degeneracy
+    if ratio > cfg.max_degeneracy:
+        x, y, z = weakest
+        return False, (f"degenerate: along ({x:+.2f}, {y:+.2f}, {z:+.2f}) (query frame) the alignment pins the translation "
+                       f"{ratio:.0f}x less than each cloud does alone (> {cfg.max_degeneracy:g}): it can slide there")
     return True, ""
 
 
