@@ -76,7 +76,8 @@ def quat_xyzw_to_matrix(quat_xyzw: np.ndarray, translation: np.ndarray) -> np.nd
 
 
 def matrix_to_quat_xyzw(T: np.ndarray) -> np.ndarray:
-    return Rotation.from_matrix(T[:3, :3]).as_quat()
+    """(4) or (N, 4) quaternions of one (4, 4) transform or a stack (N, 4, 4)."""
+    return Rotation.from_matrix(T[..., :3, :3]).as_quat()
 
 
 def rotation_error_deg(T_est: np.ndarray, T_true: np.ndarray) -> float:

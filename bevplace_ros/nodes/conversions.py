@@ -33,11 +33,21 @@ def pose_to_matrix(pose: Pose) -> np.ndarray:
 
 
 def matrix_to_pose(T: np.ndarray) -> Pose:
-    pose = Pose()
-    pose.position.x, pose.position.y, pose.position.z = (float(v) for v in T[:3, 3])
-    q = matrix_to_quat_xyzw(T)
-    pose.orientation.x, pose.orientation.y, pose.orientation.z, pose.orientation.w = (float(v) for v in q)
-    return pose
+    return matrices_to_poses(T[None])[0]
+
+
+def matrices_to_poses(Ts: np.ndarray) -> list[Pose]:
+    """(N, 4, 4) -> N Poses with one quaternion conversion for all: a path of thousands is published per keyframe."""
+    if not len(Ts):
+        return []
+    rows = np.hstack([Ts[:, :3, 3], matrix_to_quat_xyzw(Ts)]).tolist()
+    poses = []
+    for x, y, z, qx, qy, qz, qw in rows:
+        pose = Pose()
+        pose.position.x, pose.position.y, pose.position.z = x, y, z
+        pose.orientation.x, pose.orientation.y, pose.orientation.z, pose.orientation.w = qx, qy, qz, qw
+        poses.append(pose)
+    return poses
 
 
 def pose_with_covariance(T: np.ndarray, covariance_ros: np.ndarray) -> PoseWithCovariance:

@@ -19,7 +19,7 @@ from std_msgs.msg import Bool, Header
 from visualization_msgs.msg import Marker, MarkerArray
 
 from bevplace_ros.msg import Keyframe, LoopClosure
-from bevplace_ros.nodes.conversions import matrix_to_pose, ns_to_stamp, pose_to_matrix, stamp_to_sec
+from bevplace_ros.nodes.conversions import matrices_to_poses, matrix_to_pose, ns_to_stamp, pose_to_matrix, stamp_to_sec
 from bevplace_ros.nodes.diagnostics import NodeDiagnostics
 from bevplace_ros.nodes.map_services import serve_save_load
 from bevplace_ros.nodes.parameters import ParamSpec, config_from_params, declare_parameters, specs_from_config
@@ -146,8 +146,8 @@ class PoseGraphNode(Node):
         path = Path()
         path.header.stamp, path.header.frame_id = stamp, self.params["map_frame"]
         stamps = self.graph.stamps()
-        path.poses = [PoseStamped(header=Header(stamp=ns_to_stamp(round(stamps[key] * 1e9)), frame_id=path.header.frame_id), pose=matrix_to_pose(T))
-                      for key, T in poses.items()]
+        path.poses = [PoseStamped(header=Header(stamp=ns_to_stamp(round(stamps[key] * 1e9)), frame_id=path.header.frame_id), pose=pose)
+                      for key, pose in zip(poses, matrices_to_poses(np.array(list(poses.values()))))]
         self.path_pub.publish(path)
         T_map_odom = self.graph.map_to_odom()
         if T_map_odom is not None:  # None: the live session is not anchored yet, so there is no map->odom
