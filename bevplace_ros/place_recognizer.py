@@ -11,12 +11,12 @@ import numpy as np
 from bevplace_ros.bev import BEVConfig, make_bev
 from bevplace_ros.bev_pose import BEVKeypoints, BEVPose, BEVPoseConfig, estimate_pose, extract_keypoints
 from bevplace_ros.device import DEVICE_CHOICES
-from bevplace_ros.models.checkpoint import DEFAULT_MODEL, MODEL_KINDS, load_place_model, shipped_weights
+from bevplace_ros.models.checkpoint import BEV_PRESET_OF_MODEL, DEFAULT_MODEL, MODEL_KINDS, load_place_model, shipped_weights
 
 
 @dataclass(frozen=True)
 class PlaceRecognizerConfig:
-    bev: BEVConfig = field(default_factory=BEVConfig)
+    bev: BEVConfig | None = None  # None: the recipe `model`'s shipped weights were trained on
     pose: BEVPoseConfig = field(default_factory=BEVPoseConfig)
     rotations: int = 8  # group size of the equivariant backbone; cost grows linearly (bevplace_v1: fixed 5 x 5 group)
     device: str = "auto"
@@ -34,6 +34,8 @@ class PlaceRecognizerConfig:
             raise ValueError(f"PlaceRecognizerConfig.model must be one of {MODEL_KINDS}, got {self.model!r}")
         if self.batch_size < 1:
             raise ValueError(f"PlaceRecognizerConfig.batch_size must be >= 1, got {self.batch_size}")
+        if self.bev is None:
+            object.__setattr__(self, "bev", BEVConfig.preset(BEV_PRESET_OF_MODEL[self.model]))
 
 
 @dataclass(frozen=True)

@@ -88,3 +88,11 @@ def test_dataset_reads_lazily_with_poses(shared_data):
     img = folder.image(1100)
     assert img.dtype == np.float32 and img.shape == (151, 151) and 0.0 <= img.min() and img.max() <= 1.0
     np.testing.assert_array_equal(np.unique(img), np.arange(11, dtype=np.float32) / 10)  # counts 0..10, same scale as make_bev
+
+
+def test_the_bev_recipe_follows_the_model_unless_given():
+    from bevplace_ros.bev import BEVConfig
+
+    assert PlaceRecognizerConfig().bev == BEVConfig.preset("bevplace_kitti")  # the default model, the authors' v1
+    assert PlaceRecognizerConfig(model=EQUIVARIANT).bev == BEVConfig()
+    assert PlaceRecognizerConfig(bev=BEVConfig(z_min=-3.0)).bev.z_min == -3.0

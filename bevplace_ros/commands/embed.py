@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
 
     from bevplace_ros.atomic_io import atomic_write
     from bevplace_ros.device import resolve_device
-    from bevplace_ros.models.checkpoint import RANDOM_WEIGHTS, CheckpointError, load_place_model, shipped_weights
+    from bevplace_ros.bev import BEVConfig
+    from bevplace_ros.models.checkpoint import BEV_PRESET_OF_MODEL, RANDOM_WEIGHTS, CheckpointError, load_place_model, shipped_weights
     from bevplace_ros.training.place_dataset import (
         PlaceDataError,
         SequenceSpec,
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         weights = args.weights if args.weights == RANDOM_WEIGHTS else shipped_weights(args.weights, args.model)
         model = load_place_model(weights, rotations=args.rotations, kind=args.model).for_inference().to(device)
         spec = SequenceSpec.parse(args.dataset)
-        images, out = iter_bev_images(spec), []
+        images, out = iter_bev_images(spec, BEVConfig.preset(BEV_PRESET_OF_MODEL[args.model])), []
         with torch.inference_mode():
             while chunk := list(islice(images, args.batch)):
                 out.append(model(torch.from_numpy(np.stack(chunk))[:, None].to(device))[1].cpu().numpy())
