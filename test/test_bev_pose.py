@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from bevplace_ros.bev_pose import BEVKeypoints, BEVPose, BEVPoseConfig, estimate_pose, fit_rigid_2d, ransac_rigid_2d
+from bevplace_ros.models.checkpoint import EQUIVARIANT
 from bevplace_ros.place_recognizer import PlaceRecognizer, PlaceRecognizerConfig
 from bevplace_ros.se3 import invert, matrix_to_xyyaw, transform_points, xyyaw_to_matrix
 
@@ -53,7 +54,7 @@ def test_config_validation():
 def test_recovers_known_planar_motion_of_a_kitti_scan(shared_data, x, y, yaw_deg):
     """Scan b is scan a seen from a sensor moved by T_a_b; both rasterised independently.
     The network is UNTRAINED (seeded): equivariant features alone carry the matching here."""
-    recognizer = PlaceRecognizer(PlaceRecognizerConfig(weights="random"))
+    recognizer = PlaceRecognizer(PlaceRecognizerConfig(model=EQUIVARIANT, weights="random"))
     scan_a = np.fromfile(shared_data / "kitti_scans" / "000000.bin", dtype=np.float32).reshape(-1, 4)
     T_a_b = xyyaw_to_matrix(x, y, np.radians(yaw_deg))
     scan_b = transform_points(invert(T_a_b), scan_a)
