@@ -35,7 +35,9 @@ def _assert_same_run(first, second) -> None:
         np.testing.assert_allclose(second.optimized[key], pose, rtol=0, atol=POSE_BOUND, err_msg=f"optimised pose of keyframe {key}")
 
 
+@pytest.mark.long
 def test_two_lock_step_replays_of_one_bag_give_the_same_loop_closures(drive, drive_replay, tmp_path):
+    """A second full replay of the shared drive (~35 s): long, to keep the default suite under 6 minutes."""
     _assert_same_run(drive_replay[1], replay(replay_options(drive, tmp_path, record=None)))
 
 
