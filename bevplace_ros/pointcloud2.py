@@ -203,10 +203,11 @@ MAX_SWEEP_S = 1.0  # a per-point time further than this from the stamp is not th
 def decode_scan(cloud: Any, stamp_ns: int) -> Scan:
     """Points and per-point time offsets in seconds, whatever the driver's time field name and unit."""
     points = read_points(cloud, skip_nans=True)
+    xyzi = _xyzi(points)
     try:
-        return Scan(_xyzi(points), _time_offsets(points, stamp_ns))
+        return Scan(xyzi, _time_offsets(points, stamp_ns))
     except TimeFieldError as err:
-        return Scan(_xyzi(points), None, str(err))
+        return Scan(xyzi, None, str(err))
 
 
 def _xyzi(points: np.ndarray) -> np.ndarray:
@@ -230,10 +231,10 @@ def _time_offsets(points: np.ndarray, stamp_ns: int) -> np.ndarray | None:
     raw = points[name].astype(np.float64)
     if not np.all(np.isfinite(raw)):
         raise TimeFieldError(f"time field {name!r} holds NaN or inf")
-    large = np.abs(raw).max() > 1e15
-    seconds = raw * 1e-9 if points.dtype[name].kind in "iu" or large else raw
-    if np.abs(seconds).max() > 1e6:  # absolute: subtract the stamp in integer nanoseconds where the field is integral
-        seconds = (raw - stamp_ns) * 1e-9 if points.dtype[name].kind in "iu" or large else raw - stamp_ns * 1e-9
+    nanoseconds = points.dtype[name].kind in "iu" or np.abs(raw).max() > 1e15
+    seconds = raw * 1e-9 if nanoseconds else raw
+    if np.abs(seconds).max() > 1e6:  # absolute: subtract the stamp in the field's own unit
+        seconds = (raw - stamp_ns) * 1e-9 if nanoseconds else raw - stamp_ns * 1e-9
     if np.abs(seconds).max() > MAX_SWEEP_S:
         raise TimeFieldError(f"time field {name!r} puts points up to {np.abs(seconds).max():.3g} s from the header stamp, more than "
                                f"one sweep ({MAX_SWEEP_S} s): its unit or reference is not one this package knows")

@@ -147,7 +147,8 @@ def _bev_config(p: dict[str, Any]) -> BEVConfig:
     """bev.preset 'auto' follows place.model, so that switching the model never feeds it images of another recipe."""
     name = p["bev.preset"]
     if name == "auto":
-        name = "" if BEV_PRESET_OF_MODEL[p["place.model"]] == "default" else BEV_PRESET_OF_MODEL[p["place.model"]]
+        preset = BEV_PRESET_OF_MODEL[p["place.model"]]
+        name = "" if preset == "default" else preset  # the equivariant model's recipe: the bev.* values, which a user may tune
     return BEVConfig.preset(name) if name else config_from_params(BEVConfig, p, "bev.")
 
 
