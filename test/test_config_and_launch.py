@@ -208,3 +208,14 @@ def test_a_bev_preset_replaces_the_bev_values_the_empty_preset_keeps_them_and_au
     finally:
         for n in nodes.values():
             n.destroy_node()
+
+
+def test_registration_node_hands_its_kiss_retry_to_the_registrar(ros_context):
+    from bevplace_ros.registration.registrar import WIDER_RETRY
+
+    for value, expected in (("wider", WIDER_RETRY), ("none", None)):
+        node = _node("registration_node", ros_context, [Parameter("registration.kiss_retry", value=value)])
+        try:
+            assert node.verifier.registrar.cfg.kiss_retry == expected
+        finally:
+            node.destroy_node()

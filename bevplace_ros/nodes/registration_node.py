@@ -24,7 +24,7 @@ from bevplace_ros.nodes.qos import KEYFRAMES_QOS
 from bevplace_ros.nodes.worker import QueueWorker
 from bevplace_ros.pointcloud2 import PointCloud2Error, xyz_intensity
 from bevplace_ros.registration import RegistrationConfig
-from bevplace_ros.registration.registrar import METHODS, method_options
+from bevplace_ros.registration.registrar import KISS_RETRIES, METHODS, method_options
 from bevplace_ros.registration.refine import RefineConfig
 from bevplace_ros.registration.verification import VerificationConfig
 from bevplace_ros.se3 import xyyaw_to_matrix
@@ -34,6 +34,9 @@ PARAMS = [
     ParamSpec("registration.device", RegistrationConfig.device, "Torch device for the matcher.", choices=DEVICE_CHOICES, runtime=False),
     ParamSpec("registration.method", RegistrationConfig().method, "Global registration: 'kiss_matcher' (KISS-Matcher on per-keyframe FPFH) or 'network' (RoITr-lite); docs/registration.md compares them.", choices=METHODS, runtime=False),
     ParamSpec("registration.classical_fallback", RegistrationConfig.classical_fallback, "With method 'network': retry a rejected pair with KISS-Matcher.", runtime=False),
+    ParamSpec("registration.kiss_retry", "wider", "KISS-Matcher's second try when its first pose fails verification: 'wider' (mutual top-3 matches, "
+              "then a second pose on the matches the first leaves unexplained), 'dense' (0.75 m keypoints, ground left out) or 'none'.",
+              choices=tuple(KISS_RETRIES), runtime=False),
     ParamSpec("registration.refine", RefineConfig.enabled, "Refine the coarse pose with small_gicp GICP.", runtime=False),
     *specs_from_config(VerificationConfig, "verification.", {
         "min_fitness": ("Accept a loop only if this share of query points has a match-cloud neighbour after alignment.", 0.0, 1.0),
@@ -84,7 +87,7 @@ class RegistrationNode(Node):
         p = self.params
         registration = RegistrationConfig(
             weights=p["registration.weights"] or RegistrationConfig.weights, device=p["registration.device"], **method_options(p["registration.method"]),
-            classical_fallback=p["registration.classical_fallback"],
+            classical_fallback=p["registration.classical_fallback"], kiss_retry=KISS_RETRIES[p["registration.kiss_retry"]],
             refine=RefineConfig(enabled=p["registration.refine"]),
             verification=config_from_params(VerificationConfig, p, "verification."),
         )
