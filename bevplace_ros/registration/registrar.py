@@ -190,10 +190,7 @@ class Registrar:
         guess = _check_guess(initial_guess)
         start = time.perf_counter()
         result, timings = None, {}
-        for kiss in self._attempts():
-            if kiss is not None:
-                for cloud in (src, tgt):
-                    self._classical_features(cloud)
+        for kiss in self._attempts():  # KISS-Matcher fetches its cached features itself (computed on a cache miss)
             for n, out in enumerate(self._attempt(src, tgt, guess, kiss)):
                 if result is None:
                     result, timings = out, dict(out.timings)
