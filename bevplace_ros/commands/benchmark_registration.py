@@ -18,6 +18,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--kitti", type=Path, default=None,
                         help="folder with KITTI scans 000000/000005/000015.bin; default: those sweeps of a simulated 64-beam drive")
+    parser.add_argument("--kiss-retry", choices=("wider", "dense", "none"), default="wider",
+                        help="KISS-Matcher's second try (RegistrationConfig.kiss_retry); it runs only on candidates the first try rejects")
+    parser.add_argument("--other-place", type=Path, default=None,
+                        help="a KITTI scan of another place (e.g. kitti_scans_more/000198.bin): candidates against it are "
+                             "rejected, which costs more than accepting; default with --kitti: none, else a far sweep of the drive")
+
+
+FAR_SWEEP = 60  # a sweep of the simulated drive far from sweeps 0-15
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -27,7 +35,8 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 
 def _method(name: str, scans: list, args: argparse.Namespace) -> dict:
-    """Per-stage times through the node's LoopVerifier: each keyframe prepared once, then every candidate warm."""
+    """Per-stage times through the node's LoopVerifier: each keyframe prepared once, then every candidate warm; a
+    fourth scan, if given, is another place, and its candidates are timed apart (they fail every try)."""
     import time
 
     import torch
@@ -36,9 +45,10 @@ def _method(name: str, scans: list, args: argparse.Namespace) -> dict:
     from bevplace_ros.loop_verifier import LoopVerifier, LoopVerifierConfig
     from bevplace_ros.registration import RegistrationConfig
     from bevplace_ros.registration.model import count_parameters
-    from bevplace_ros.registration.registrar import method_options
+    from bevplace_ros.registration.registrar import KISS_RETRIES, method_options
 
     cfg = RegistrationConfig(classical_fallback=False, device=args.device, torch_threads=args.threads,
+                             kiss_retry=KISS_RETRIES[args.kiss_retry],
                              **method_options(name), **({"weights": args.weights} if args.weights else {}))
     stages: dict[str, list[float]] = {}
     for rep in range(args.repeats + 1):  # the first round warms library caches and is dropped
@@ -50,12 +60,17 @@ def _method(name: str, scans: list, args: argparse.Namespace) -> dict:
             if rep:
                 for stage, ms in cloud.timings.items():
                     stages.setdefault(f"per_keyframe_{stage}", []).append(ms)
-        for query, match in ((1, 0), (2, 0), (2, 1)):  # candidates on a warm cache
+        wrong = [(3, match) for match in range(3)] if len(scans) > 3 else []
+        for query, match in ((1, 0), (2, 0), (2, 1), *wrong):  # candidates on a warm cache
             start = time.perf_counter()
             res = verifier.verify(query, match)
             if verifier.registrar.device.type == "cuda":
                 torch.cuda.synchronize()
-            if rep:
+            if rep and query == 3:
+                stages.setdefault("per_rejected_candidate_warm", []).append((time.perf_counter() - start) * 1e3)
+                rejected = stages.setdefault("rejected_candidates_verified", [])
+                rejected.append(float(res.verified))
+            elif rep:
                 stages.setdefault("per_candidate_warm", []).append((time.perf_counter() - start) * 1e3)
                 for stage, ms in res.timings.items():
                     stages.setdefault(stage, []).append(ms)
@@ -79,11 +94,15 @@ def run(args: argparse.Namespace) -> int:
 
     frames = (0, 5, 15)
     if args.kitti is None:
-        scans, source = simulated_kitti_scans(frames), f"{SIM_SCAN_NAME}, sweeps {frames}"
+        scans, source = simulated_kitti_scans((*frames, FAR_SWEEP)), f"{SIM_SCAN_NAME}, sweeps {frames}, another place {FAR_SWEEP}"
     else:
         scans, source = [read_kitti_scan(args.kitti / f"{i:06d}.bin") for i in frames], f"{args.kitti}, scans {frames}"
+        if args.other_place is not None:
+            scans.append(read_kitti_scan(args.other_place))
+            source += f", another place {args.other_place}"
     print(f"scans: {source}")
-    report: dict = {"scans": source, "device": args.device, "torch_threads": args.threads, "cpu_count": os.cpu_count()}
+    report: dict = {"scans": source, "device": args.device, "torch_threads": args.threads, "cpu_count": os.cpu_count(),
+                    "kiss_retry": args.kiss_retry}
     for name in METHODS:
         report[name] = _method(name, scans, args)
     keys = list(dict.fromkeys(k for name in METHODS for k, v in report[name].items() if isinstance(v, dict)))
@@ -95,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
     print("\n".join(lines))
     print(f"device {report['network']['device']}, torch threads {args.threads}; per_keyframe_* = paid once per keyframe "
           "(cached, bounded by verifier.prepared_cache_mib); per_candidate_warm = LoopVerifier.verify with both clouds "
-          "cached (registration + second check); the other rows are its stages")
+          "cached (registration + second check); the other rows are its stages; per_rejected_candidate_warm = the same "
+          "for candidates of another place (rejected_candidates_verified: the share that passed, 0 if right)")
     atomic_write_bytes(args.out, json.dumps(report, indent=1).encode())
     print(f"wrote {args.out}")
     return 0
