@@ -183,3 +183,47 @@ def test_nodes_that_start_after_the_first_keyframe_still_get_it(ros_context):
         executor.shutdown()
         for node in (talker, *late):
             node.destroy_node()
+
+
+def test_the_pose_graph_says_which_loops_it_took_and_which_its_gate_refused(ros_context):
+    """loop_decisions: LOOPCLOSE for a loop the graph took, REJECTED_LOOPCLOSE for one 20 m off its estimate (what a
+    replay with the nodes in their own processes counts as the graph's loops)."""
+    import os
+
+    import rclpy
+
+    from bevplace_ros.msg import Keyframe, LoopClosure, PoseGraphEdge
+    from bevplace_ros.nodes.conversions import pose_with_covariance
+    from bevplace_ros.nodes.pose_graph_node import PoseGraphNode
+    from bevplace_ros.nodes.qos import KEYFRAMES_QOS
+    from bevplace_ros.se3 import make_transform
+
+    namespace = f"/decisions_{os.getpid()}"  # nothing else on the machine shares these topics
+    node = PoseGraphNode(context=ros_context, namespace=namespace)
+    client = rclpy.create_node("decision_test", context=ros_context, namespace=namespace)
+    executor = MultiThreadedExecutor(context=ros_context)
+    for n in (node, client):
+        executor.add_node(n)
+    reliable = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+    decisions: list = []
+    client.create_subscription(PoseGraphEdge, "loop_decisions", decisions.append, reliable)
+    keyframes = client.create_publisher(Keyframe, "keyframes", KEYFRAMES_QOS)
+    loops = client.create_publisher(LoopClosure, "loop_closures", reliable)
+    cov = np.diag([0.01, 0.01, 0.01, 1e-4, 1e-4, 1e-4])
+    try:
+        assert spin_until(executor, lambda: keyframes.get_subscription_count() and loops.get_subscription_count()
+                          and node.decision_pub.get_subscription_count(), 30.0)
+        for k in range(30):  # a straight drive, 1 m per keyframe
+            keyframes.publish(Keyframe(header=Header(stamp=ns_to_stamp((k + 1) * 10**9), frame_id="odom"), id=k,
+                                       odom_pose=pose_with_covariance(make_transform(np.eye(3), [float(k), 0.0, 0.0]), np.zeros((6, 6)))))
+        assert spin_until(executor, lambda: node.keyframes_handled == 30, 30.0)
+        for y in (0.0, 20.0):  # T_0_29: right, then 20 m to the side of it
+            loops.publish(LoopClosure(header=Header(stamp=ns_to_stamp(31 * 10**9), frame_id="lidar"), query_id=29, match_id=0,
+                                      verified=True, relative_pose=pose_with_covariance(make_transform(np.eye(3), [29.0, y, 0.0]), cov)))
+        assert spin_until(executor, lambda: len(decisions) == 2, 30.0)
+        assert [(d.key_from, d.key_to, d.type) for d in decisions] == [
+            (0, 29, PoseGraphEdge.LOOPCLOSE), (0, 29, PoseGraphEdge.REJECTED_LOOPCLOSE)]
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        client.destroy_node()

@@ -92,6 +92,8 @@ def test_replay_with_node_processes_at_rate_1_reports_cpu_latency_and_cleans_up(
     assert rt["output_hz"]["keyframes"] > 0
     assert f"received {rt['scans_received']} (not received {rt['scans_not_received']})" in printed
     assert "scan -> loop closure (any)" in printed and "place_recognition_node" in printed
+    summary = json.loads(report_file.read_text())  # the graph's own loops, from its loop_decisions topic
+    assert 0 <= summary["graph_loops"] <= summary["verified_loops"] and "pose graph took" in printed
 
 
 @pytest.mark.cuda

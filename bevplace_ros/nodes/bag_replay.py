@@ -33,6 +33,7 @@ OUTPUT_TOPICS = {
     "loop_candidates": "bevplace_ros/msg/LoopCandidate",
     "loop_closures": "bevplace_ros/msg/LoopClosure",
     "pose_graph_edges": "bevplace_ros/msg/PoseGraphEdge",
+    "loop_decisions": "bevplace_ros/msg/PoseGraphEdge",
     "optimized_path": "nav_msgs/msg/Path",
     "map_to_odom": "geometry_msgs/msg/TransformStamped",
     "loop_markers": "visualization_msgs/msg/MarkerArray",
@@ -77,7 +78,8 @@ class ReplayRun:
     optimized: dict[int, np.ndarray] = field(default_factory=dict)  # T_map_sensor (in-process: the graph's, else the last path)
     scans_published: int = 0
     latency_ms: dict[str, list[float]] = field(default_factory=dict)
-    graph_loops: set[tuple[int, int]] | None = None  # (query, match) the pose graph accepted; in-process only
+    # (query, match) the pose graph accepted: in-process from the graph, else from its loop_decisions (None: none came)
+    graph_loops: set[tuple[int, int]] | None = None
     sessions: dict[int, int] = field(default_factory=dict)  # keyframe -> session, loaded keyframes too; in-process only
     map_poses: dict[int, np.ndarray] = field(default_factory=dict)  # T_map_k of every anchored graph keyframe; in-process only
     anchorings: dict[int, Any] = field(default_factory=dict)  # session -> pose_graph.Anchoring; in-process only
@@ -492,6 +494,9 @@ class _Recorder:
             run.odometry[int(msg.id)] = pose_to_matrix(msg.odom_pose.pose)
         elif topic == "loop_candidates":
             run.candidates += 1
+        elif topic == "loop_decisions":
+            taken = {(int(msg.key_to), int(msg.key_from))} if msg.type == msg.LOOPCLOSE else set()
+            run.graph_loops = (run.graph_loops or set()) | taken
         elif topic == "loop_closures":
             run.closures.append((int(msg.query_id), int(msg.match_id), pose_to_matrix(msg.relative_pose.pose), bool(msg.verified), float(msg.latency_ms)))
         elif topic == "optimized_path":

@@ -18,7 +18,7 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from std_msgs.msg import Bool, Header
 from visualization_msgs.msg import Marker, MarkerArray
 
-from bevplace_ros.msg import Keyframe, LoopClosure
+from bevplace_ros.msg import Keyframe, LoopClosure, PoseGraphEdge
 from bevplace_ros.nodes.conversions import matrices_to_poses, matrix_to_pose, ns_to_stamp, pose_to_matrix, stamp_to_sec
 from bevplace_ros.nodes.diagnostics import NodeDiagnostics
 from bevplace_ros.nodes.map_services import serve_save_load
@@ -75,6 +75,8 @@ class PoseGraphNode(Node):
         self.correction_pub = self.create_publisher(TransformStamped, "map_to_odom", latched)
         self.marker_pub = self.create_publisher(MarkerArray, "loop_markers", latched)
         self.localized_pub = self.create_publisher(Bool, "localized", latched)
+        # what the graph did with each verified loop: taken (LOOPCLOSE) or refused by its gate (REJECTED_LOOPCLOSE)
+        self.decision_pub = self.create_publisher(PoseGraphEdge, "loop_decisions", reliable)
         self.tf_pub, self._tf_message = self._tf_publisher() if self.params["publish_tf"] else (None, None)
         self.create_subscription(Keyframe, "keyframes", self._on_keyframe, KEYFRAMES_QOS)
         self.create_subscription(LoopClosure, "loop_closures", self._on_loop, reliable)
@@ -133,6 +135,10 @@ class PoseGraphNode(Node):
         finally:
             self.loops_handled += 1  # once the graph holds the loop: lock-step replay reads the graph when the count is reached
         text = f"loop {msg.match_id}<-{msg.query_id}: {decision.reason}"
+        if not decision.held:  # an anchor hypothesis is decided when its session joins the map (graph.loops() then)
+            kind = PoseGraphEdge.LOOPCLOSE if decision.accepted else PoseGraphEdge.REJECTED_LOOPCLOSE
+            self.decision_pub.publish(PoseGraphEdge(header=msg.header, key_from=msg.match_id, key_to=msg.query_id, type=kind,
+                                                    pose=msg.relative_pose.pose, covariance=msg.relative_pose.covariance))
         if decision.accepted or decision.held:  # one call site per severity: rclpy refuses a second severity at one site
             self.get_logger().info(text)
         else:
