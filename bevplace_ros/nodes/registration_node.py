@@ -34,7 +34,7 @@ PARAMS = [
     ParamSpec("registration.device", RegistrationConfig.device, "Torch device for the matcher.", choices=DEVICE_CHOICES, runtime=False),
     ParamSpec("registration.method", RegistrationConfig().method, "Global registration: 'kiss_matcher' (KISS-Matcher on per-keyframe FPFH) or 'network' (RoITr-lite); docs/registration.md compares them.", choices=METHODS, runtime=False),
     ParamSpec("registration.classical_fallback", RegistrationConfig.classical_fallback, "With method 'network': retry a rejected pair with KISS-Matcher.", runtime=False),
-    ParamSpec("registration.kiss_retry", "wider", "KISS-Matcher's second try when its first pose fails verification: 'wider' (mutual top-3 matches, "
+    ParamSpec("registration.kiss_retry", next(k for k, v in KISS_RETRIES.items() if v == RegistrationConfig.kiss_retry), "KISS-Matcher's second try when its first pose fails verification: 'wider' (mutual top-3 matches, "
               "then a second pose on the matches the first leaves unexplained), 'dense' (0.75 m keypoints, ground left out) or 'none'.",
               choices=tuple(KISS_RETRIES), runtime=False),
     ParamSpec("registration.refine", RefineConfig.enabled, "Refine the coarse pose with small_gicp GICP.", runtime=False),
