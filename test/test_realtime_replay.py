@@ -1,7 +1,7 @@
 """Real-time replay: the drive_10hz preset replayed at rate 1 with the three nodes in their own processes.
 
-The fast test uses a short, narrow copy of the preset (40 sweeps of 64 x 512 rays) and lets loops close on
-keyframes 1 s apart, so loop latency has samples within seconds; the full 2 km drive is the long test.
+The fast test uses a short, narrow copy of the preset (40 sweeps of 64 x 512 rays), keyframes 3 m apart, and lets
+loops close on keyframes 1 s apart, so loop latency has samples within seconds; the full 2 km drive is the long test.
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ from bevplace_ros.sim.sequence import simulate_sequence
 from bevplace_ros.sim.writers import write_sequence
 
 NEAR_LOOPS = ["-p", "retrieval.exclude_recent:=10", "-p", "retrieval.exclude_seconds:=1.0"]
+# On two shared cores: keyframes 3 m apart (~3/s), which the place node (the authors' network, ~0.1 s of CPU each) keeps
+# up with beside the other nodes. A keyframe per sweep (10/s) once left 29 of 40 keyframes without descriptor, so no
+# candidate and no loop to time; the load itself is the full drive's test.
+SPARSE_NEAR_LOOPS = ["-p", "keyframe.min_distance:=3.0", "-p", "retrieval.exclude_recent:=3", "-p", "retrieval.exclude_seconds:=1.0"]
 
 
 def test_drive_10hz_preset_is_a_10hz_64_beam_drive_with_revisits_both_ways():
@@ -68,7 +72,7 @@ def test_replay_with_node_processes_at_rate_1_reports_cpu_latency_and_cleans_up(
     config = with_overrides(preset_config("drive_10hz"), **{"lidar.columns": 512}, max_frames=40)
     write_sequence(simulate_sequence(config), tmp_path / "bag", None)
     assert cli_main(["replay", str(tmp_path / "bag"), "--processes", "--rate", "1", "--out", str(tmp_path / "out"), "--no-progress",
-                     *NEAR_LOOPS]) == 0
+                     *SPARSE_NEAR_LOOPS]) == 0
     printed = capsys.readouterr().out
     report_file = next((tmp_path / "out").glob("run-*/report.json"))
     rt = json.loads(report_file.read_text())["realtime"]
