@@ -22,3 +22,22 @@ def handle_scan(place_node, cloud, timeout_s: float = 60.0) -> None:
     while not (place_node.clouds_handled > before and place_node.idle()):
         assert time.monotonic() < deadline, "the place node never finished the scan"
         time.sleep(0.005)
+
+
+def pose_graph_with_client(context, name: str):
+    """(pose graph node, a plain client node, a single-threaded executor spinning both), in a namespace of this
+    process's own so nothing else on the machine shares their topics."""
+    import os
+
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+
+    from bevplace_ros.nodes.pose_graph_node import PoseGraphNode
+
+    namespace = f"/{name}_{os.getpid()}"
+    node = PoseGraphNode(context=context, namespace=namespace)
+    client = rclpy.create_node(name, context=context, namespace=namespace)
+    executor = SingleThreadedExecutor(context=context)
+    for n in (node, client):
+        executor.add_node(n)
+    return node, client, executor

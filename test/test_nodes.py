@@ -188,22 +188,14 @@ def test_nodes_that_start_after_the_first_keyframe_still_get_it(ros_context):
 def test_the_pose_graph_says_which_loops_it_took_and_which_its_gate_refused(ros_context):
     """loop_decisions: LOOPCLOSE for a loop the graph took, REJECTED_LOOPCLOSE for one 20 m off its estimate (what a
     replay with the nodes in their own processes counts as the graph's loops)."""
-    import os
-
-    import rclpy
+    from ros_helpers import pose_graph_with_client
 
     from bevplace_ros.msg import Keyframe, LoopClosure, PoseGraphEdge
     from bevplace_ros.nodes.conversions import pose_with_covariance
-    from bevplace_ros.nodes.pose_graph_node import PoseGraphNode
     from bevplace_ros.nodes.qos import KEYFRAMES_QOS
     from bevplace_ros.se3 import make_transform
 
-    namespace = f"/decisions_{os.getpid()}"  # nothing else on the machine shares these topics
-    node = PoseGraphNode(context=ros_context, namespace=namespace)
-    client = rclpy.create_node("decision_test", context=ros_context, namespace=namespace)
-    executor = MultiThreadedExecutor(context=ros_context)
-    for n in (node, client):
-        executor.add_node(n)
+    node, client, executor = pose_graph_with_client(ros_context, "decision_test")
     reliable = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
     decisions: list = []
     client.create_subscription(PoseGraphEdge, "loop_decisions", decisions.append, reliable)

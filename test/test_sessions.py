@@ -3,8 +3,6 @@ agreeing loops, survives a wrong first loop, and a two-session map saves and loa
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 from test_pose_graph import Scenario, _exp, _loop_cov, make_scenario
@@ -214,26 +212,18 @@ def test_previous_release_database_loads_as_one_session() -> None:
 def test_node_publishes_map_to_odom_only_once_the_loaded_maps_new_session_is_anchored(sc: Scenario, ros_context, tmp_path) -> None:
     """pose_graph_node over the real middleware: load a map, feed a new run's keyframes and loops."""
     from geometry_msgs.msg import TransformStamped
-    from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
-    from ros_helpers import spin_until
+    from ros_helpers import pose_graph_with_client, spin_until
     from std_msgs.msg import Bool
 
     from bevplace_ros.msg import Keyframe, LoopClosure
     from bevplace_ros.nodes.conversions import ns_to_stamp, pose_with_covariance
-    from bevplace_ros.nodes.pose_graph_node import PoseGraphNode
     from bevplace_ros.nodes.qos import KEYFRAMES_QOS
     from bevplace_ros.srv import LoadMap
 
-    import rclpy
-
     map_file = _map(sc).save(tmp_path / "graph.npz")
-    namespace = f"/sessions_{os.getpid()}"  # nothing else on the machine shares these topics
-    node = PoseGraphNode(context=ros_context, namespace=namespace)
-    client_node = rclpy.create_node("session_test", context=ros_context, namespace=namespace)
-    executor = SingleThreadedExecutor(context=ros_context)
-    for n in (node, client_node):
-        executor.add_node(n)
+    node, client_node, executor = pose_graph_with_client(ros_context, "session_test")
+    namespace = client_node.get_namespace()
     localized: list[bool] = []
     corrections: list[TransformStamped] = []
     received = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
