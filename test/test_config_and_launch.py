@@ -211,7 +211,10 @@ def test_a_bev_preset_replaces_the_bev_values_the_empty_preset_keeps_them_and_au
 
 
 def test_registration_node_hands_its_kiss_retry_to_the_registrar(ros_context):
-    from bevplace_ros.registration.registrar import WIDER_RETRY
+    from bevplace_ros.commands.evaluate_registration import KISS_RETRY_NAMES
+    from bevplace_ros.registration.registrar import KISS_RETRIES, WIDER_RETRY
+
+    assert KISS_RETRY_NAMES == tuple(KISS_RETRIES)  # the commands' --kiss-retry names the registrar's choices
 
     for value, expected in (("wider", WIDER_RETRY), ("none", None)):
         node = _node("registration_node", ros_context, [Parameter("registration.kiss_retry", value=value)])

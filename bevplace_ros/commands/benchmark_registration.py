@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from bevplace_ros.commands.evaluate_registration import add_kiss_retry_argument
 from bevplace_ros.device import DEVICE_CHOICES
 
 HELP = "per-keyframe and warm-cache per-candidate registration latency per method; prints a table, writes JSON"
@@ -18,8 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--kitti", type=Path, default=None,
                         help="folder with KITTI scans 000000/000005/000015.bin; default: those sweeps of a simulated 64-beam drive")
-    parser.add_argument("--kiss-retry", choices=("wider", "dense", "none"), default="wider",
-                        help="KISS-Matcher's second try (RegistrationConfig.kiss_retry); it runs only on candidates the first try rejects")
+    add_kiss_retry_argument(parser)
     parser.add_argument("--other-place", type=Path, default=None,
                         help="a KITTI scan of another place (e.g. kitti_scans_more/000198.bin): candidates against it are "
                              "rejected, which costs more than accepting; default with --kitti: none, else a far sweep of the drive")

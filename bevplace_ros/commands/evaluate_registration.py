@@ -31,9 +31,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the shared data folder (kitti_scans, kitti_scans_more, small_gicp_pair) for the real-pair "
                              "check; default: none")
     parser.add_argument("--real-yaws", type=int, default=4, help="random initial yaws per real pair")
-    parser.add_argument("--kiss-retry", choices=("wider", "dense", "none"), default="wider",
-                        help="KISS-Matcher's second try when the first fails verification (RegistrationConfig.kiss_retry): "
-                             "wider (default: mutual top-3, two poses), dense (0.75 m keypoints) or none")
+    add_kiss_retry_argument(parser)
+
+
+KISS_RETRY_NAMES = ("wider", "dense", "none")  # registrar.KISS_RETRIES' keys, named here so --help imports no torch
+
+
+def add_kiss_retry_argument(parser: argparse.ArgumentParser) -> None:
+    """--kiss-retry, for the commands that compare KISS-Matcher with and without its second try."""
+    parser.add_argument("--kiss-retry", choices=KISS_RETRY_NAMES, default="wider",
+                        help="KISS-Matcher's second try when the first pose fails verification (RegistrationConfig.kiss_retry; "
+                             "it runs only on pairs the first try rejects): wider (default: mutual top-3, two poses), "
+                             "dense (0.75 m keypoints) or none")
 
 
 def _methods(weights: str | None, kiss_retry: str) -> dict:
