@@ -56,8 +56,7 @@ class KissEstimate:
     valid: bool
     inliers: np.ndarray  # (C,) bool: matches within inlier_distance of the solved pose
     inlier_ratio: float  # their share of the mutual matches
-    num_correspondences: int  # mutual FPFH matches
-    src_matched: np.ndarray  # (C, 3) mutual matches, source side
+    src_matched: np.ndarray  # (C, 3) the mutual FPFH matches, source side
     tgt_matched: np.ndarray  # (C, 3)
     match_ms: float  # mutual matching of the cached descriptors
     pose_ms: float  # pruning + GNC solve
@@ -106,7 +105,7 @@ def kiss_hypotheses(src: PreparedCloud, tgt: PreparedCloud, cfg: KissConfig) -> 
         inliers = (residual < cfg.inlier_distance) & valid  # over all matches: the ratio is comparable across poses
         yield KissEstimate(
             transform=transform, valid=valid, inliers=inliers, inlier_ratio=float(inliers.mean()) if len(ia) else 0.0,
-            num_correspondences=len(ia), src_matched=src_m, tgt_matched=tgt_m,
+            src_matched=src_m, tgt_matched=tgt_m,
             match_ms=match_ms, pose_ms=(time.perf_counter() - start) * 1e3,
         )
         unexplained &= ~inliers
